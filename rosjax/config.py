@@ -1,0 +1,192 @@
+"""Experiment configuration: frozen dataclasses, JSON round-trips and command-line overrides.
+
+Every experiment is one `ExperimentConfig` (built by `experiments/<name>.py:get_config()`).
+Any field can be overridden from the command line with a dotted path:
+
+        python -m experiments.lesion --teachers.overlap=0.2 --distill.tau=1.0 --optim.epochs=30
+
+Values are parsed by the field's declared type (bool, int, float, str, tuples as
+comma-separated lists, `None` for optional fields), so a typo in a name or a value of the wrong
+type is an error naming the option, not a silent no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+PAPER_TEACHERS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet121")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str                       # TFDS builder name: "isic2019" or "nih_chestxray14".
+    data_dir: str = "~/tensorflow_datasets"  # Where TFDS stores the prepared ArrayRecord files.
+    manual_dir: str | None = None      # Folder with already-downloaded raw files (None: download / TFDS default).
+    download: bool = True              # Allow downloading raw files that are not in manual_dir.
+    stored_size: int | None = None     # Builder config (stored image side in px); None: the builder's default.
+    image_size: int = 224              # Side of the crops the networks see, in px.
+    labels: tuple[str, ...] = ()       # NIH: the label subset to learn (default: the 8 ChestX-ray8 labels).
+    split: str = "grouped"             # "grouped" (70/10/20, no patient in two splits) or "official" (NIH lists).
+    fractions: tuple[float, ...] = (0.7, 0.1, 0.2)  # train / validation / test fractions of the grouped split.
+    split_seed: int = 0                # Seed of the grouped split; the paper's 3 runs use 3 seeds.
+    noise: str = "none"                # Injected label noise: "none", "symmetric", "pair_flip", "multilabel_flip".
+    noise_rate: float = 0.0            # Probability that an injected-noise label is changed.
+    augment: str = "dermoscopy"        # Augmentation preset: "dermoscopy" or "chest_xray".
+    pixel_mean: tuple[float, ...] = (0.5,)  # Per-channel mean subtracted inside the model ([0, 1] pixels).
+    pixel_std: tuple[float, ...] = (0.25,)  # Per-channel std divided inside the model.
+    num_workers: int = 0               # grain worker processes for decoding/augmentation (0: in-process).
+    eval_batch_size: int = 128         # Global batch of evaluation passes (padded, masked).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    epochs: int = 50                   # Training epochs (paper: 50 for teachers and students).
+    batch_size: int = 64               # Global batch size, split across all devices (paper: 64).
+    learning_rate: float = 0.1         # Initial SGD learning rate (paper: 0.1).
+    momentum: float = 0.9              # SGD momentum (paper: 0.9).
+    weight_decay: float = 2e-4         # L2 added to the gradient, PyTorch-SGD style (paper: 2e-4).
+    milestones: tuple[int, ...] = (25, 40)  # Epochs at which the learning rate is divided (paper: 25, 40).
+    decay_factor: float = 0.1          # Multiplier applied at each milestone (paper: ÷10).
+    nesterov: bool = False             # Nesterov momentum (paper: plain momentum).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeachersConfig:
+    architectures: tuple[str, ...] = PAPER_TEACHERS  # One teacher per subset, in subset order.
+    overlap: float = 0.4               # Fraction of the training split shared by every teacher (paper: 0.4).
+    subset_seed: int = 0               # Seed of the overlapping-subset draw.
+    pretrained: tuple[str, ...] = ()   # Optional torchvision-layout weight files, one per teacher ("" = none).
+    single_teacher: str = "densenet121"  # Baseline II's teacher (Hinton KD from one network).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    student: str = "resnet18"          # Student architecture (paper default: ResNet-18).
+    tau: float = 0.5                   # Softening temperature τ of teachers and student (paper: 0.5).
+    alpha: float = 0.9                 # Weight of the KD term against the hard-label term (paper: 0.9).
+    weighting: str = "exponential"     # RoS-KD teacher weights: w_m ~ Exp(1) every step.
+    per_example: bool = False          # Draw weights per example instead of one draw per step.
+    normalize: str | None = None       # None (paper), "sum1" (Dirichlet) or "sumk" (sum to K).
+    warmup_epochs: int = 10            # Epochs before M_smooth starts averaging (paper: 10).
+    bn_mode: str = "recalibrate"       # M_smooth BatchNorm: "recalibrate" (pass over train data) or "average".
+    recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics.
+    rl_equal_epochs: int = 10          # Baseline IV: epochs of equal-weight distillation before the agent acts.
+    rl_learning_rate: float = 1e-3     # Baseline IV: Adam learning rate of the selection policy.
+    rl_baseline_decay: float = 0.9     # Baseline IV: decay of the moving-average reward baseline.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    attack_eps: float = 128 / 255      # Radius of FGSM/PGD (paper: l2, 128/255).
+    attack_norm: str = "2"             # "2" or "inf".
+    pgd_steps: int = 10                # PGD iterations.
+    attack_examples: int = 0           # Test examples attacked (0: the whole test split).
+    landscape_grid: int = 51           # Points per axis of the loss-landscape grid on [-1, 1]².
+    landscape_examples: int = 256      # Fixed test images the landscape loss is computed on.
+    landscape_seed: int = 0            # Seed of the two random directions (shared by the compared models).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str                          # Experiment name, used in reports.
+    seed: int = 0                      # Run seed: parameter init, augmentation and teacher-weight draws.
+    dtype: str = "float32"             # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    data: DataConfig
+    teachers: TeachersConfig = TeachersConfig()
+    optim: OptimConfig = OptimConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvalConfig = EvalConfig()
+    settings: tuple[str, ...] = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "rosjax")
+    checkpoint_every_steps: int = 500  # Mid-epoch checkpoint interval (a checkpoint is also written each epoch).
+    log_every_steps: int = 50          # Host fetches step metrics this often (no per-step synchronisation).
+    smoke: bool = False                # Small CPU run of the whole pipeline on the bundled sample files.
+
+
+# --------------------------------------------------------------------------------------------
+# Generic helpers: dict round-trip and dotted overrides.
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-serialisable dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuilds a config dataclass from `to_dict` output (tuples restored from JSON lists)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            continue
+        kwargs[field.name] = _from_json(hints[field.name], values[field.name])
+    return cls(**kwargs)
+
+
+def _from_json(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if typing.get_origin(tp) is tuple and value is not None:
+        return tuple(value)
+    if _optional_inner(tp) is not None and value is not None:
+        return _from_json(_optional_inner(tp), value)
+    return value
+
+
+def save_json(config: Any, path) -> None:
+    with open(path, "w") as f:
+        json.dump(to_dict(config), f, indent=2, sort_keys=True)
+
+
+def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
+    """Returns `config` with dotted-path string overrides applied, e.g. {"optim.epochs": "5"}."""
+    for path, text in overrides.items():
+        config = _replace_path(config, path.split("."), text, path)
+    return config
+
+
+def _replace_path(node: Any, parts: list[str], text: str, full: str) -> Any:
+    if not dataclasses.is_dataclass(node):
+        raise ValueError(f"--{full}: {'.'.join(parts)!r} is not inside a config section")
+    names = {f.name for f in dataclasses.fields(node)}
+    if parts[0] not in names:
+        raise ValueError(f"--{full}: unknown option {parts[0]!r}; valid here: {', '.join(sorted(names))}")
+    hint = typing.get_type_hints(type(node))[parts[0]]
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(hint):
+            raise ValueError(f"--{full} names a whole section; set one of its fields instead")
+        return dataclasses.replace(node, **{parts[0]: _parse(hint, text, full)})
+    child = _replace_path(getattr(node, parts[0]), parts[1:], text, full)
+    return dataclasses.replace(node, **{parts[0]: child})
+
+
+def _optional_inner(tp: Any) -> Any:
+    """For `X | None` returns X, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _parse(tp: Any, text: str, full: str) -> Any:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if text.lower() in ("none", "null", "") else _parse(inner, text, full)
+    if typing.get_origin(tp) is tuple:
+        (item_type, *_) = typing.get_args(tp)
+        items = [t for t in text.split(",") if t.strip()]
+        return tuple(_parse(item_type, t.strip(), full) for t in items)
+    try:
+        if tp is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if tp in (int, float, str):
+            return tp(text)
+    except ValueError:
+        raise ValueError(f"--{full}: expected {tp.__name__}, got {text!r}") from None
+    raise ValueError(f"--{full}: cannot parse values of type {tp}")

@@ -1,0 +1,82 @@
+"""The distillation step: frozen teachers, a weighted KD loss, one student update.
+
+`make_distill_step(...)` returns a pure function
+
+    distill_step(state, teachers, batch, run_key) -> (state, metrics)
+
+that `rosjax.train.parallel.jit_train_step(step, mesh, frozen=teachers)` compiles for data
+parallelism: the student state is donated, the teachers' variables are a separate,
+replicated, never-donated argument. A notebook can `jax.jit` it directly.
+
+Teachers run in eval mode on the *same augmented batch* as the student, inside the same jitted
+program. With cached teacher outputs (FKD-style replay, `rosjax.distill.cache`), the batch
+carries `teacher_logits` [K, B, C] instead and no teacher runs.
+
+The settings of the paper are all this step with another weighting:
+  RoS-KD / baseline V   weighting="exponential"  (w_m ~ Exp(1), redrawn every step)
+  baseline III          weighting="equal"        (w_m = 1/K: the mean of the teachers' KL)
+  baseline II           one teacher, weighting="equal" (w = 1)
+Baseline I (no teachers) is `rosjax.train.steps.train_step`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rosjax.distill import losses, weighting
+from rosjax.train import steps as train_steps
+from rosjax.train.state import TrainState
+
+
+def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], images: jax.Array) -> jax.Array:
+    """Logits [K, B, C] of every frozen teacher (eval mode) on `images` [B, H, W, C]."""
+    outputs = [apply(variables, images, train=False) for apply, variables in zip(apply_fns, teachers)]
+    return jax.lax.stop_gradient(jnp.stack(outputs).astype(jnp.float32))
+
+
+def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
+                      weighting_kind: str = "exponential", per_example: bool = False,
+                      normalize: str | None = None) -> Callable:
+    """Builds `distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
+
+    Args:
+      teacher_apply_fns: each teacher's `module.apply` (static; the variables come at call time).
+      tau, alpha: temperature and KD weight of the paper's eq. (4).
+      multilabel: softmax KD (False) or per-label sigmoid KD (True).
+      weighting_kind: a key of `rosjax.distill.weighting.TEACHER_WEIGHTINGS`.
+      per_example, normalize: options of the teacher-weight draw.
+    The step's key is `fold_in(run_key, state.step)`, split into a dropout key and a
+    teacher-weight key, so a resumed run draws the same weights at the same step.
+    """
+    num_teachers = len(teacher_apply_fns)
+    if num_teachers < 1:
+        raise ValueError("make_distill_step needs at least one teacher")
+
+    def distill_step(state: TrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
+                     run_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        dropout_key, weight_key = jax.random.split(train_steps.step_rng(run_key, state.step))
+        if "teacher_logits" in batch:
+            t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))  # [K, B, C]
+        else:
+            t_logits = teacher_logits(teacher_apply_fns, teachers, batch["image"])  # [K, B, C]
+        batch_size = batch["image"].shape[0]
+        w = weighting.teacher_weights(weighting_kind, weight_key, num_teachers, per_example=per_example,
+                                      batch_size=batch_size, normalize=normalize)  # [K] or [K, B]
+
+        def loss_fn(params):
+            logits, batch_stats = train_steps.forward_train(state, params, batch["image"], dropout_key)
+            loss, aux = losses.kd_loss(logits, t_logits, batch["label"], w, tau=tau, alpha=alpha,
+                                       multilabel=multilabel)
+            return loss, (logits, batch_stats, aux)
+
+        (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = {"loss": loss, "kd": aux["kd"], "ce": aux["ce"],
+                   "accuracy": train_steps.accuracy(logits, batch["label"], multilabel=multilabel),
+                   "weight_sum": jnp.sum(w) / (1 if w.ndim == 1 else batch_size),
+                   "grad_norm": optax.global_norm(grads)}
+        return train_steps.apply_gradients(state, grads, batch_stats), metrics
+
+    return distill_step

@@ -1,0 +1,1 @@
+"""Experiment orchestration: work directory, stages (data, teachers, settings, evaluation, report), CLI."""

@@ -1,0 +1,62 @@
+"""The model zoo: torchvision's classification networks as Flax linen modules.
+
+`create(name, num_classes)` builds one of the paper's models (`MODEL_NAMES`) or `tiny_cnn`,
+a very small BatchNorm CNN for fast tests. Every model takes NHWC pixels in [0, 1] with any
+channel count, normalises them with its `pixel_mean`/`pixel_std`, and returns float32 logits
+[B, num_classes] (or `(logits, features)` with `return_features=True`):
+
+    model = create("resnet18", num_classes=8, pixel_mean=(0.485, 0.456, 0.406),
+                   pixel_std=(0.229, 0.224, 0.225))
+    variables = model.init(jax.random.key(0), images, train=False)
+    logits, new_state = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": key})  # dropout: mobilenet_v2 only
+
+Torchvision-layout weights (ImageNet checkpoints) load with
+`rosjax.models.pretrained.load_torchvision_weights`.
+"""
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rosjax.models.densenet import DenseNet
+from rosjax.models.mobilenet_v2 import MobileNetV2
+from rosjax.models.resnet import BasicBlock, Bottleneck, ResNet
+from rosjax.models.tiny import TinyCNN
+
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet121")
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
+    "resnet34": functools.partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3)),
+    "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+    "mobilenet_v2": MobileNetV2,
+    "densenet121": DenseNet,
+    "tiny_cnn": TinyCNN,
+}
+
+
+def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
+           pixel_mean: Optional[Sequence[float]] = None,
+           pixel_std: Optional[Sequence[float]] = None) -> nn.Module:
+    """Returns the Flax module `name` with a `num_classes`-way head.
+
+    dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay
+      float32 and logits are returned as float32.
+    pixel_mean, pixel_std: per-channel (or single) statistics applied as `(x - mean) / std`
+      to the [0, 1] input; None leaves the input as it is.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(_REGISTRY)}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if pixel_std is not None and any(float(s) <= 0 for s in pixel_std):
+        raise ValueError(f"pixel_std must be positive, got {tuple(pixel_std)}.")
+    return _REGISTRY[name](
+        num_classes=num_classes, dtype=dtype,
+        pixel_mean=None if pixel_mean is None else tuple(float(m) for m in pixel_mean),
+        pixel_std=None if pixel_std is None else tuple(float(s) for s in pixel_std))
+
+
+__all__ = ["MODEL_NAMES", "create", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]

@@ -1,0 +1,101 @@
+"""Building blocks shared by the model zoo: torchvision-style layers and input handling.
+
+Every model builds its layers through these factories so that all of them share the
+torchvision conventions: bias-free convolutions with explicit (torch) paddings, BatchNorm with
+epsilon 1e-5 and momentum 0.9 (torch's momentum 0.1), float32 parameters whatever the compute
+dtype, and PyTorch's default `nn.Linear` initialisation for classifier heads.
+"""
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torch.nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out).
+KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.init.kaiming_normal_(w) with its defaults (mode='fan_in', gain sqrt(2)).
+KAIMING_NORMAL_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# torch.nn.Linear's default weight init, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), +).
+TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias(fan_in: int) -> Callable[..., jax.Array]:
+    """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
+         dtype: Any, kernel_init=KAIMING_NORMAL_FAN_OUT, name: str) -> nn.Conv:
+    """A bias-free square convolution with torch's symmetric zero padding `padding`."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((padding, padding), (padding, padding)),
+                   feature_group_count=groups, use_bias=False, dtype=dtype,
+                   param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+
+
+def batch_norm(*, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    """torch.nn.BatchNorm2d's defaults: scale 1, bias 0, eps 1e-5, running-average momentum 0.1.
+
+    Statistics are reduced and stored in float32 (flax's `force_float32_reductions`), and the
+    variance is computed in two passes (`use_fast_variance=False`) as torch does, which stays
+    accurate when activations have a large mean. No `axis_name`: under `jax.jit` the module
+    sees the global batch, so the statistics are already synchronised across devices. Unlike
+    torch, the running variance is updated with the biased batch variance (flax's rule); the
+    difference is a factor n/(n-1) with n = batch x height x width.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                        name=name)
+
+
+def torch_dense(features: int, fan_in: int, *, dtype: Any, name: str) -> nn.Dense:
+    """A classifier layer initialised like torch.nn.Linear's default."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=TORCH_LINEAR_KERNEL, bias_init=torch_linear_bias(fan_in),
+                    name=name)
+
+
+# torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1); the padding acts as -inf.
+max_pool_3x3_s2 = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
+                                    padding=((1, 1), (1, 1)))
+
+
+def normalize_pixels(x: jax.Array, mean: Optional[Sequence[float]],
+                     std: Optional[Sequence[float]], dtype: Any) -> jax.Array:
+    """`(x - mean) / std` over the channel axis of NHWC pixels in [0, 1], then cast to `dtype`.
+
+    `mean` and `std` hold one value per channel, or one value for all channels; None means 0
+    and 1. A length that is neither 1 nor the channel count is an error rather than a silent
+    broadcast (3 statistics against a 1-channel X-ray would turn it into 3 channels).
+    """
+    channels = x.shape[-1]
+    for label, stats in (("pixel_mean", mean), ("pixel_std", std)):
+        if stats is not None and len(stats) not in (1, channels):
+            raise ValueError(f"{label} has {len(stats)} values but the input has {channels} "
+                             f"channels; give 1 value or {channels}.")
+    x = jnp.asarray(x, jnp.float32)  # [B, H, W, C]
+    if mean is not None:
+        x = x - jnp.asarray(mean, jnp.float32)
+    if std is not None:
+        x = x / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """torch's adaptive_avg_pool2d(x, 1) + flatten: [B, H, W, D] -> [B, D]."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def head_outputs(logits: jax.Array, features: jax.Array, return_features: bool):
+    """The models' common return: float32 logits [B, K], optionally with features [B, D]."""
+    logits = logits.astype(jnp.float32)
+    if return_features:
+        return logits, features.astype(jnp.float32)
+    return logits

@@ -1,0 +1,52 @@
+"""The paper's optimiser: PyTorch-style SGD with momentum, coupled weight decay, step decay.
+
+PyTorch's `torch.optim.SGD(lr, momentum=m, weight_decay=wd)` (dampening 0, no Nesterov) does
+
+    g <- g + wd * p          # weight decay added to the gradient ("coupled", L2)
+    b <- m * b + g           # momentum buffer; b = g on the first step
+    p <- p - lr * b
+
+`optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))` is the same
+computation: `optax.trace` starts from a zero buffer, so its first step also gives b = g, and
+the learning rate multiplies the buffer (not the gradient), as in PyTorch.
+
+The learning rate follows `torch.optim.lr_scheduler.MultiStepLR` stepped once per epoch: it is
+multiplied by `decay_factor` from the first step of each milestone epoch on (0-based epochs:
+with milestones (25, 40), epochs 0-24 use 0.1, 25-39 use 0.01, 40-49 use 0.001).
+
+Weight decay applies to every parameter, BatchNorm scales/biases and biases included, as
+PyTorch's default does; `decay_all_params=False` restricts it to kernels (arrays of rank > 1).
+The hyper-parameters live in `rosjax.config.OptimConfig` (paper defaults, a comment per field).
+"""
+from __future__ import annotations
+
+import jax
+import optax
+
+from rosjax.config import OptimConfig
+
+
+def lr_schedule(cfg: OptimConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Step-decay schedule: learning rate as a function of the update count (0-based)."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if any(m < 1 for m in cfg.milestones):
+        raise ValueError(f"optim.milestones must be epochs >= 1, got {cfg.milestones}")
+    boundaries = {}
+    for milestone in sorted(cfg.milestones):
+        # Repeated milestones decay repeatedly, as in MultiStepLR.
+        step = milestone * steps_per_epoch
+        boundaries[step] = boundaries.get(step, 1.0) * cfg.decay_factor
+    return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+
+
+def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, *,
+                   decay_all_params: bool = True) -> tuple[optax.GradientTransformation,
+                                                           optax.Schedule]:
+    """Returns (tx, schedule) for `cfg` (see the module docstring for the exact update)."""
+    schedule = lr_schedule(cfg, steps_per_epoch)
+    mask = None if decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1,
+                                                                      params))
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    return tx, schedule

@@ -1,0 +1,133 @@
+"""Data parallelism: a 1-D ('data',) device mesh, shardings, batch placement and jitted steps.
+
+This is what the paper's "pmap" means, written the current JAX way: one `jax.jit` program over
+global arrays, the parameters replicated (`P()`), the batch split along its first axis across
+every device (`P('data')`). Under jit the model sees the *global* batch, so the mean loss, its
+gradient and BatchNorm's batch statistics all cover every example on every device; XLA
+inserts the all-reduces. No `pmap`, no `axis_name`, no `pmean`.
+
+Several hosts: call `maybe_initialize_distributed()` first thing in the program; every process
+then runs the same code, feeds its own slice of the global batch (`shard_batch` uses
+`jax.make_array_from_process_local_data`), and the mesh spans the devices of all processes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh named 'data' over `devices` (default: every device of every process).
+
+    The axis type is `Auto` (explicitly, since `jax.make_mesh` defaults to `Explicit`): the
+    compiler propagates shardings through the linen model, as data parallelism needs.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+    """Every device holds the whole array (parameters, optimiser state, scalar metrics)."""
+    return jax.NamedSharding(mesh, jax.P())
+
+
+def data_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+    """The leading (batch) axis is split across the 'data' axis."""
+    return jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
+    devices = mesh.devices.size
+    if batch_size <= 0 or batch_size % devices:
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by the number of devices "
+            f"{devices}: choose a batch size that is a multiple of {devices} (e.g. "
+            f"{max(devices, batch_size // devices * devices)}) or run on fewer devices")
+    if batch_size % jax.process_count():
+        raise ValueError(f"global batch size {batch_size} is not divisible by the number of "
+                         f"processes {jax.process_count()}")
+
+
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host batch (pytree of numpy arrays, this process's rows) -> global arrays split on 'data'.
+
+    With one process the local batch is the global batch; with P processes each passes its
+    B/P rows and the result is one [B, ...] array spanning all hosts.
+    """
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("shard_batch: empty batch")
+    check_batch_size(np.shape(leaves[0])[0] * jax.process_count(), mesh)
+    sharding = data_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> Callable:
+    """Compiles `step_fn(state, batch, key) -> (state, metrics)` for data parallelism.
+
+    The state (argument 0) is donated, so its buffers are reused for the new state, and stays
+    replicated; the batch is split on 'data'; the key and the metrics are replicated.
+
+    With `frozen` (e.g. the teachers' variables, already on the devices), `step_fn` has the
+    signature `step_fn(state, frozen, batch, key)` and the returned callable still takes
+    `(state, batch, key)`: `frozen` is passed on every call as a separate, *non-donated*,
+    replicated argument (never copied into the state, never written back).
+    """
+    rep, dat = replicated(mesh), data_sharding(mesh)
+    if frozen is None:
+        return jax.jit(step_fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
+                       donate_argnums=(0,))
+    jitted = jax.jit(step_fn, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
+                     donate_argnums=(0,))
+
+    def step(state, batch, key):
+        return jitted(state, frozen, batch, key)
+
+    return step
+
+
+def jit_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """Compiles `eval_fn(state, batch) -> outputs`; outputs come back replicated.
+
+    Replicated outputs can be read by every process (`np.asarray`), which is what a host-side
+    metric over the whole split needs, also with several hosts.
+    """
+    rep, dat = replicated(mesh), data_sharding(mesh)
+    return jax.jit(eval_fn, in_shardings=(rep, dat), out_shardings=rep)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Joins a multi-process run when the environment describes one; returns True if it did.
+
+    Call it before anything else touches JAX. Recognised environments:
+
+    * `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES=N`, `JAX_PROCESS_ID=i` (any
+      launcher, e.g. two shells on one machine or one per node);
+    * a SLURM job step with more than one task (`srun`), or Open MPI (`mpirun`): JAX detects
+      the coordinator, process count and id itself.
+
+    Otherwise (a plain single-process run) it does nothing. On CPU, processes exchange data
+    through gloo collectives (`jax_cpu_collectives_implementation`, the default in JAX 0.10).
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} is set but {', '.join(missing)} "
+                             "is not; set all three to join a multi-process run")
+        jax.distributed.initialize(address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+        return True
+    in_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+    in_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if in_slurm or in_mpi:
+        jax.distributed.initialize()
+        return True
+    return False

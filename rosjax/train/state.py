@@ -1,0 +1,58 @@
+"""The train state: plain data (a pytree) plus the model's apply function and the optimiser.
+
+`step` counts optimiser updates; the step's randomness is `fold_in(run_key, step)`, so the state
+carries no RNG and a resumed run draws the same keys at the same steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rosjax.train import parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """step, params, batch_stats, opt_state; `apply_fn` and `tx` are static (not pytree leaves)."""
+    step: jax.Array          # [] int32, number of optimiser updates applied
+    params: Any              # model parameters
+    batch_stats: Any         # BatchNorm running statistics ({} for a model without BatchNorm)
+    opt_state: Any           # optax state of `tx`
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """{'params', 'batch_stats'}: what `module.apply` and `save_variables` take."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       sample_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
+    """Initialises the model and optimiser directly on the mesh's devices, replicated.
+
+    Shapes first (`jax.eval_shape`, no computation), then shardings, then one jitted init with
+    `out_shardings`, so the arrays are born on the devices with their final sharding.
+
+    Args:
+      model: a linen module with `init(key, x, train=False)`.
+      tx: the optimiser.
+      key: init key (parameters and, if the model draws any, dropout).
+      sample_shape: shape of one input batch, e.g. (1, 32, 32, 3) (NHWC, float32).
+      mesh: the data-parallel mesh (`parallel.make_mesh()`).
+    """
+    def init(key):
+        variables = model.init({"params": key, "dropout": key},
+                               jnp.zeros(sample_shape, jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), apply_fn=model.apply, tx=tx)
+
+    abstract = jax.eval_shape(init, key)
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    return jax.jit(init, out_shardings=shardings)(key)

@@ -1,0 +1,84 @@
+"""Pure train and eval steps; compile them with `parallel.jit_train_step` or plain `jax.jit`.
+
+`train_step(state, batch, key, *, multilabel)` is the supervised (teacher / baseline I) step.
+Its pieces are public so the distillation step can reuse them:
+
+    def distill_step(state, teachers, batch, run_key):
+        key = step_rng(run_key, state.step)
+        def loss_fn(params):
+            logits, batch_stats = forward_train(state, params, batch["image"], key)
+            loss = ...  # kd_loss(logits, teacher_logits, ...)
+            return loss, (logits, batch_stats)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        return apply_gradients(state, grads, batch_stats), {"loss": loss, ...}
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rosjax.distill import losses
+from rosjax.train.state import TrainState
+
+
+def step_rng(run_key: jax.Array, step: jax.Array) -> jax.Array:
+    """The key of one training step: fold_in(run_key, step) (same key at the same step on resume)."""
+    return jax.random.fold_in(run_key, step)
+
+
+def forward_train(state: TrainState, params: Any, images: jax.Array,
+                  key: jax.Array) -> tuple[jax.Array, Any]:
+    """Applies the model in train mode; returns (logits [B, C], updated batch_stats).
+
+    BatchNorm normalises with the statistics of this (global) batch and updates its running
+    averages; `key` feeds the 'dropout' stream (used e.g. by MobileNetV2's classifier).
+    """
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     images, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": key})
+    return logits, updates.get("batch_stats", state.batch_stats)
+
+
+def apply_gradients(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
+    """One optimiser update of the parameters, the new BatchNorm statistics, step + 1."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array, *, multilabel: bool) -> jax.Array:
+    """Top-1 accuracy (one-label) or per-label accuracy at logit 0, i.e. probability 0.5
+    (multi-label); a cheap training signal, not an evaluation metric."""
+    if multilabel:
+        return jnp.mean((logits > 0) == (labels > 0.5))
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
+               multilabel: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One supervised SGD step on a batch {'image': [B,H,W,C], 'label': [B] or [B,C]}.
+
+    `key` is the run key; the step folds in `state.step`. Returns the new state and scalar
+    metrics: loss (CE or summed BCE, mean over the batch), accuracy, grad_norm.
+    """
+    rng = step_rng(key, state.step)
+
+    def loss_fn(params):
+        logits, batch_stats = forward_train(state, params, batch["image"], rng)
+        loss = losses.supervised_loss(logits, batch["label"], multilabel=multilabel)
+        return loss, (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": loss,
+               "accuracy": accuracy(logits, batch["label"], multilabel=multilabel),
+               "grad_norm": optax.global_norm(grads)}
+    return apply_gradients(state, grads, batch_stats), metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+    """Logits [B, C] of the model in inference mode (BatchNorm running averages)."""
+    return state.apply_fn(state.variables, batch["image"], train=False)
