@@ -32,7 +32,7 @@ class DataConfig:
     split: str = "grouped"             # "grouped" (70/10/20, no patient in two splits) or "official" (NIH lists).
     fractions: tuple[float, ...] = (0.7, 0.1, 0.2)  # train / validation / test fractions of the grouped split.
     split_seed: int = 0                # Seed of the grouped split; the paper's 3 runs use 3 seeds.
-    noise: str = "none"                # Injected label noise: "none", "symmetric", "pair_flip", "multilabel_flip".
+    noise: str = "none"                # Injected training-label noise: "none", "symmetric", "pair" (one-label) or "flip" (multi-label).
     noise_rate: float = 0.0            # Probability that an injected-noise label is changed.
     augment: str = "dermoscopy"        # Augmentation preset: "dermoscopy" or "chest_xray".
     pixel_mean: tuple[float, ...] = (0.5,)  # Per-channel mean subtracted inside the model ([0, 1] pixels).
@@ -90,6 +90,14 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    overlaps: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Figure 3: teacher-subset overlap ratios.
+    students: tuple[str, ...] = PAPER_TEACHERS  # Figure 2: student architectures (RoS-KD vs baseline III).
+    normalizations: tuple[str, ...] = ("none", "sum1", "sumk", "per_example")  # Teacher-weight variants.
+    fold_seeds: tuple[int, ...] = (0, 1, 2)  # Table III (NIH): split seeds of the independent runs.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str                          # Experiment name, used in reports.
     seed: int = 0                      # Run seed: parameter init, augmentation and teacher-weight draws.
@@ -99,6 +107,7 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     distill: DistillConfig = DistillConfig()
     evaluation: EvalConfig = EvalConfig()
+    sweeps: SweepConfig = SweepConfig()
     settings: tuple[str, ...] = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "rosjax")
     checkpoint_every_steps: int = 500  # Mid-epoch checkpoint interval (a checkpoint is also written each epoch).
     log_every_steps: int = 50          # Host fetches step metrics this often (no per-step synchronisation).

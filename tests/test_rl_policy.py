@@ -208,38 +208,35 @@ def test_policy_state_is_a_pytree_of_arrays():
 def test_policy_learns_to_prefer_the_right_teacher():
   """Teacher 0 always predicts the label, teacher 1 is random; reward = log-likelihood of
   the label under the mixture of the selected teachers (uniform when none is selected)."""
-  k, b, c, d, tau = 2, 64, 4, 8, 1.0
+  k, b, c, d, steps = 2, 64, 4, 8, 300
+  rng = np.random.default_rng(7)
+  y = rng.integers(0, c, (steps, b)).astype(np.int32)  # [N, B]
+  right = 8.0 * np.eye(c, dtype=np.float32)[y]  # [N, B, C]
+  rand = 3.0 * rng.normal(size=(steps, b, c)).astype(np.float32)  # [N, B, C]
+  teachers = jnp.asarray(np.stack([right, rand], axis=1))  # [N, K, B, C]
+  emb = jnp.asarray(rng.normal(size=(steps, b, d)), jnp.float32)  # [N, B, D]
+  feats = jax.vmap(functools.partial(rl_policy.state_features, tau=1.0, multilabel=False))(
+      emb, teachers, jnp.asarray(y))  # [N, K, B, F]
   tx = optax.adam(0.05)
-  f = rl_policy.num_state_features(d, c, k)
-  state0 = rl_policy.init_policy_state(jax.random.key(0), f, tx)
+  state0 = rl_policy.init_policy_state(jax.random.key(0), feats.shape[-1], tx)
 
-  def batch(key):
-    ky, kr, ke = jax.random.split(key, 3)
-    y = jax.random.randint(ky, (b,), 0, c)
-    right = 8.0 * jax.nn.one_hot(y, c)  # [B, C]
-    rand = 3.0 * jax.random.normal(kr, (b, c))  # [B, C]
-    teachers = jnp.stack([right, rand])  # [K, B, C]
-    emb = jax.random.normal(ke, (b, d))
-    return rl_policy.state_features(emb, teachers, y, tau=tau, multilabel=False), teachers, y
-
-  def step(state, key):
-    kb, ka = jax.random.split(key)
-    feats, teachers, y = batch(kb)
-    actions = rl_policy.sample_actions(ka, rl_policy.selection_probs(state.params, feats))
-    mix = jnp.sum(rl_policy.select_weights(actions)[..., None] * jax.nn.softmax(teachers), 0)
+  def step(state, xs):
+    f, t, lab, key = xs
+    actions = rl_policy.sample_actions(key, rl_policy.selection_probs(state.params, f))
+    mix = jnp.sum(rl_policy.select_weights(actions)[..., None] * jax.nn.softmax(t), 0)
     mix = jnp.where(jnp.any(actions, 0)[:, None], mix, 1.0 / c)  # [B, C]
-    reward = jnp.log(jnp.take_along_axis(mix, y[:, None], 1)[:, 0])  # [B]
-    state, _ = rl_policy.policy_step(state, feats, actions, reward, tx)
-    return state, None
+    reward = jnp.log(jnp.take_along_axis(mix, lab[:, None], 1)[:, 0])  # [B]
+    return rl_policy.policy_step(state, f, actions, reward, tx)[0], None
 
-  def mean_probs(state, key):
-    feats = batch(key)[0]
-    return np.asarray(jnp.mean(rl_policy.selection_probs(state.params, feats), axis=1))  # [K]
+  keys = jax.random.split(jax.random.key(1), steps)
+  state = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs)[0])(
+      state0, (feats, teachers, jnp.asarray(y), keys))
 
-  run = jax.jit(lambda s, keys: jax.lax.scan(step, s, keys)[0])
-  state = run(state0, jax.random.split(jax.random.key(1), 300))
-  before, after = mean_probs(state0, jax.random.key(2)), mean_probs(state, jax.random.key(2))
-  assert abs(before[0] - 0.5) < 0.1 and abs(before[1] - 0.5) < 0.1
+  def mean_probs(params):  # [K] mean selection probability over 20 batches
+    return np.asarray(jnp.mean(rl_policy.selection_probs(params, feats[:20]), axis=(0, 2)))
+
+  before, after = mean_probs(state0.params), mean_probs(state.params)
+  assert abs(before[0] - 0.5) < 0.1 and abs(before[1] - 0.5) < 0.1, before
   assert after[0] > 0.9, after
   assert after[1] < before[1] - 0.1, (before, after)
-  assert int(state.step) == 300
+  assert int(state.step) == steps

@@ -51,7 +51,7 @@ class CorruptImageError(DataError):
     """An image file that PIL cannot decode; the message names the file."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SquareImageConfig(tfds.core.BuilderConfig):
     """A builder config storing every image resized to `image_size` x `image_size` pixels."""
 

@@ -98,8 +98,8 @@ def _data_section(data: dict[str, Any]) -> list[str]:
 def _teachers_section(teachers: list[dict[str, Any]]) -> list[str]:
     if not teachers:
         return []
-    rows = [[t["index"], t["architecture"], t["test"].get("macro_precision"), t["test"].get("macro_recall"),
-             t["test"].get("macro_f1"), t["test"].get("mean_auroc")] for t in teachers]
+    rows = [[t["index"], t["architecture"], t["test"].get("precision_macro"), t["test"].get("recall_macro"),
+             t["test"].get("f1_macro"), t["test"].get("auroc_macro")] for t in teachers]
     return ["## Teachers (test split)", "",
             *_table(["#", "architecture", "Precision", "Recall", "F1", "mean AUROC"], rows), ""]
 
@@ -115,8 +115,8 @@ def _table_i(settings: dict[str, Any]) -> list[str]:
             rows.append([SETTING_TITLES[key], status, "", "", "", "", "", ""])
             continue
         m = entry["test"]
-        rows.append([SETTING_TITLES[key], m.get("macro_precision"), m.get("macro_recall"), m.get("macro_f1"),
-                     m.get("accuracy"), m.get("balanced_accuracy"), m.get("mean_auroc"), m.get("ece")])
+        rows.append([SETTING_TITLES[key], m.get("precision_macro"), m.get("recall_macro"), m.get("f1_macro"),
+                     m.get("accuracy"), m.get("balanced_accuracy"), m.get("auroc_macro"), m.get("ece")])
     header = ["Setting", "Precision", "Recall", "F1", "Accuracy", "Bal. acc.", "mean AUROC", "ECE"]
     return ["## Table I: test performance (macro averages)", "", *_table(header, rows), ""]
 
@@ -129,9 +129,9 @@ def _robustness_section(robustness: dict[str, Any]) -> list[str]:
     for attack, per_setting in robustness.items():
         for setting, r in per_setting.items():
             b, a = r["before"], r["after"]
-            rows.append([attack, SETTING_TITLES.get(setting, setting), b.get("macro_precision"),
-                         b.get("macro_recall"), b.get("macro_f1"), a.get("macro_precision"),
-                         a.get("macro_recall"), a.get("macro_f1")])
+            rows.append([attack, SETTING_TITLES.get(setting, setting), b.get("precision_macro"),
+                         b.get("recall_macro"), b.get("f1_macro"), a.get("precision_macro"),
+                         a.get("recall_macro"), a.get("f1_macro")])
     return ["## Table II: robustness (before / after attack)", "", *_table(header, rows), ""]
 
 

@@ -69,3 +69,31 @@ def done(folder: pathlib.Path) -> dict[str, Any] | None:
     """The stage's results if it finished, else None."""
     marker = folder / "DONE.json"
     return read_json(marker) if marker.exists() else None
+
+
+def check_config(wd: Workdir, config: dict[str, Any]) -> None:
+    """Records `config` in `wd/config.json`, or refuses a different one already recorded there.
+
+    A resumed run must use the configuration it started with; mixing two in one work
+    directory would silently combine incompatible checkpoints and results.
+    """
+    path = wd.path("config.json")
+    if not path.exists():
+        write_json(path, config)
+        return
+    previous = read_json(path)
+    if previous != config:
+        changed = ", ".join(sorted(_diff(previous, config)))
+        raise ValueError(f"{wd.root} holds a run of another configuration (changed: {changed}); "
+                         "use a new --workdir or the original options")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the entries that differ between two nested dicts."""
+    out = []
+    for k in set(a) | set(b):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(prefix + k)
+    return out

@@ -1,0 +1,166 @@
+"""The loader API of the experiments: `prepare(name, ...)` -> `PreparedDataset`.
+
+`prepare` builds the TFDS dataset once (idempotent: a prepared dataset is only opened) and
+returns a random-access source of the decoded examples plus, as NumPy arrays for all N
+examples, the labels, the grouping key of the splits and the per-example metadata. Those
+arrays are read once with the images left encoded and cached next to the TFDS files
+(`rosjax_columns.npz`), so opening NIH's 112k examples again takes milliseconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rosjax.data import isic2019, nih_chestxray14
+from rosjax.data.builder_utils import DataError
+
+_BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14}
+DATASETS = tuple(_BUILDERS)
+_SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
+_COLUMNS_FILE = "rosjax_columns.npz"
+_READ_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset: every example of the one 'train' split, in stored order.
+
+    Row i of every array describes `source[i]`.
+    """
+
+    source: Sequence[dict[str, Any]]  # source[i]['image']: uint8 [H, W, C], decoded on read
+    labels: np.ndarray          # int32 [N] (ISIC) or float32 [N, C] multi-hot (NIH)
+    groups: np.ndarray          # str [N]: lesion id (ISIC) / patient id (NIH), the split key
+    class_names: tuple[str, ...]
+    multilabel: bool
+    num_channels: int
+    image_size: int
+    official_test: np.ndarray | None  # bool [N]: in NIH's test_list.txt; None without lists
+    metadata: dict[str, np.ndarray]   # per-example columns for analyses, each [N] or [N, K]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def sample_dir(name: str) -> pathlib.Path:
+    """The bundled sample files of `name`, laid out like the real files (a manual_dir)."""
+    _check_name(name)
+    return _SAMPLES_DIR / name
+
+
+def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
+            image_size: int | None = None, download: bool = True,
+            labels: str | Sequence[str] | None = None,
+            skip_corrupt_images: bool = False) -> PreparedDataset:
+    """Prepares (if needed) and opens dataset `name` stored in `data_dir`.
+
+    Args:
+      name: 'isic2019' or 'nih_chestxray14'.
+      data_dir: the TFDS data directory (prepared data goes to <data_dir>/<name>/<size>/).
+      manual_dir: where the input files are (default <data_dir>/downloads/manual/).
+      image_size: one of the builder's sizes (32, 64, 96, 128, 224, 256); None = 256.
+      download: False only opens an already prepared dataset (error if there is none);
+        True prepares it first when needed, from manual_dir or by downloading.
+      labels: NIH only: the findings of the task, in order; None = the 8 ChestX-ray8
+        labels, 'all' = all 14. ISIC takes None (its 8 classes).
+      skip_corrupt_images: while preparing, leave unreadable images out instead of failing
+        (they are listed in the dataset's metadata.json).
+    """
+    module = _BUILDERS[_check_name(name)]
+    size = module.DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if size not in module.IMAGE_SIZES:
+        raise ValueError(f"{name} has no image_size={image_size}; choose one of "
+                         f"{module.IMAGE_SIZES}.")
+    selected = _select_labels(name, labels)
+    builder = module.Builder(config=str(size), data_dir=os.fspath(data_dir),
+                             file_format="array_record", skip_corrupt_images=skip_corrupt_images)
+    if not builder.is_prepared():
+        if not download:
+            raise DataError(f"{name} at {size} px is not prepared in {data_dir}; call "
+                            "prepare(..., download=True) to build it.")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+            try_download_gcs=False))
+    source = builder.as_data_source(split="train")
+    columns = _columns(builder)
+    if name == "isic2019":
+        return PreparedDataset(
+            source=source, labels=columns["label"].astype(np.int32),
+            groups=columns["lesion_id"], class_names=isic2019.CLASS_NAMES, multilabel=False,
+            num_channels=3, image_size=size, official_test=None,
+            metadata={k: columns[k] for k in ("image_id", "age", "sex", "site")})
+    all_labels = columns["labels"]  # uint8 [N, 14]
+    index = [nih_chestxray14.LABEL_NAMES.index(x) for x in selected]
+    return PreparedDataset(
+        source=source, labels=all_labels[:, index].astype(np.float32),
+        groups=columns["patient_id"], class_names=selected, multilabel=True,
+        num_channels=1, image_size=size,
+        official_test=(columns["official_test"].astype(bool)
+                       if builder.info.metadata["official_lists"] else None),
+        metadata={"all_labels": all_labels,
+                  **{k: columns[k] for k in ("image_id", "follow_up", "view_position", "age",
+                                             "sex")}})
+
+
+def _check_name(name: str) -> str:
+    if name not in _BUILDERS:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {DATASETS}.")
+    return name
+
+
+def _select_labels(name: str, labels: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The task's label names, validated against the dataset's."""
+    if name == "isic2019":
+        if labels is not None:
+            raise ValueError(f"isic2019 is a one-label task over {isic2019.CLASS_NAMES}; "
+                             f"labels must be None, not {labels!r}.")
+        return isic2019.CLASS_NAMES
+    if labels is None:
+        return nih_chestxray14.CHESTXRAY8_LABELS
+    if labels == "all":
+        return nih_chestxray14.LABEL_NAMES
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be None, 'all' or a non-empty list of findings, not "
+                         f"{labels!r}.")
+    unknown = [x for x in labels if x not in nih_chestxray14.LABEL_NAMES]
+    if unknown or len(set(labels)) != len(labels):
+        raise ValueError(f"labels {list(labels)}: unknown {unknown} or repeated; choose from "
+                         f"{nih_chestxray14.LABEL_NAMES}.")
+    return tuple(labels)
+
+
+def _columns(builder) -> dict[str, np.ndarray]:
+    """Every non-image feature as an array [N, ...] (str for text), cached in the data dir."""
+    path = pathlib.Path(os.fspath(builder.data_path)) / _COLUMNS_FILE
+    n = builder.info.splits["train"].num_examples
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            columns = dict(f)
+        if all(len(v) == n for v in columns.values()):
+            return columns
+    # Read the records once with the images left encoded (no JPEG decoding).
+    raw = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    rows: list[dict[str, Any]] = []
+    for start in range(0, n, _READ_CHUNK):
+        rows.extend(raw.__getitems__(list(range(start, min(start + _READ_CHUNK, n)))))
+    keys = [k for k in builder.info.features.keys() if k != "image"]
+    columns = {}
+    for k in keys:
+        values = [r[k] for r in rows]
+        if isinstance(values[0], bytes):
+            columns[k] = np.array([v.decode("utf-8") for v in values], dtype=str)
+        else:
+            columns[k] = np.stack([np.asarray(v) for v in values])
+    try:  # atomic write; a read-only data dir just skips the cache
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.savez(f, **columns)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+    return columns

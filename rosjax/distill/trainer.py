@@ -1,0 +1,150 @@
+"""Training a student: baseline I (no teachers), II/III (fixed weights), RoS-KD (+ M_smooth).
+
+`train_student` is the distillation counterpart of `rosjax.train.classifier.train_classifier`:
+the same optimiser, state, loop, checkpoints and resume, with the teachers bound to the step as
+a frozen, non-donated argument, and (for RoS-KD) the running mean of the student's weights
+carried as a loop `extra`, so it is checkpointed with the student and restored on resume.
+
+At the end it exports, under `<workdir>/final/`:
+  student/   the raw student after the last epoch (baseline V when the run is RoS-KD's)
+  smooth/    M_smooth: averaged weights, BatchNorm statistics recomputed on training batches
+             (or averaged, `bn_mode="average"`), when smoothing is on.
+Students are taken after the last epoch, never picked on validation: M_smooth is defined by
+the trajectory, and the baselines are treated the same way so the comparison is fair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+
+from rosjax import checkpoint
+from rosjax.config import OptimConfig
+from rosjax.distill import smoothing
+from rosjax.distill.steps import make_distill_step
+from rosjax.train import loop, optim, parallel, steps
+from rosjax.train.state import create_train_state
+
+FINAL_DIR = "final"
+SMOOTH_KEY = "smooth"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KDSpec:
+    """How the teachers are combined (see `rosjax.distill.steps.make_distill_step`)."""
+    tau: float = 0.5
+    alpha: float = 0.9
+    weighting: str = "exponential"
+    per_example: bool = False
+    normalize: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmoothSpec:
+    """M_smooth: running mean of the weights from the end of epoch `warmup_epochs` (0-based) on."""
+    warmup_epochs: int = 10
+    bn_mode: str = "recalibrate"     # "recalibrate" or "average"
+    recalibration_batches: int = 50
+
+    def __post_init__(self):
+        if self.bn_mode not in ("recalibrate", "average"):
+            raise ValueError(f"bn_mode must be 'recalibrate' or 'average', got {self.bn_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentResult:
+    variables: dict[str, Any]              # the raw student after the last epoch
+    smooth_variables: dict[str, Any] | None  # M_smooth, when smoothing was on
+    fit: loop.FitResult
+
+
+def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
+                  make_train_iter: Callable[[], Iterator], evaluate: Callable[[Any, dict], dict] | None,
+                  workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
+                  image_shape: tuple[int, int, int], multilabel: bool, kd: KDSpec = KDSpec(),
+                  smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
+                  seed: int = 0, loop_cfg: loop.LoopConfig = loop.LoopConfig(),
+                  mesh: jax.sharding.Mesh | None = None) -> StudentResult:
+    """Trains a student and exports it (and M_smooth) to `<workdir>/final`.
+
+    Args:
+      model: the student module.
+      teachers: (apply_fn, variables) per teacher, frozen; empty for baseline I (CE only).
+      make_train_iter: returns a fresh endless iterator of training batches.
+      evaluate: validation callback `evaluate(state, extras) -> dict` (logged, not used to select).
+      workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
+      optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
+        `rosjax.train.classifier.train_classifier`.
+      kd: temperature, KD weight and teacher weighting.
+      smooth: M_smooth options, or None for no weight averaging.
+      make_recalibration_batches: returns training batches (un-augmented is fine) for the
+        BatchNorm recalibration of M_smooth; needed when smooth.bn_mode == "recalibrate".
+    """
+    mesh = mesh or parallel.make_mesh()
+    parallel.check_batch_size(optim_cfg.batch_size, mesh)
+    tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
+    init_key, run_key = jax.random.split(jax.random.key(seed))
+    state = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+
+    if teachers:
+        apply_fns = tuple(apply for apply, _ in teachers)
+        frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
+        step = make_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
+                                 weighting_kind=kd.weighting, per_example=kd.per_example, normalize=kd.normalize)
+        step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
+    else:
+        step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel), mesh)
+
+    extras, on_epoch_end = {}, None
+    if smooth is not None:
+        extras = {SMOOTH_KEY: smoothing.SmoothState.create(
+            state.params, state.batch_stats, average_batch_stats=smooth.bn_mode == "average")}
+
+        def on_epoch_end(state, epoch, extras):
+            if not smoothing.should_average(epoch, smooth.warmup_epochs):
+                return extras
+            return {SMOOTH_KEY: _average_in(extras[SMOOTH_KEY], state.params, state.batch_stats)}
+
+    result = loop.fit(state, step_fn, make_train_iter(), run_key=run_key, num_epochs=optim_cfg.epochs,
+                      steps_per_epoch=steps_per_epoch, workdir=workdir, mesh=mesh,
+                      cfg=dataclasses.replace(loop_cfg, best_metric=None), evaluate=evaluate,
+                      on_epoch_end=on_epoch_end, extras=extras, schedule=schedule)
+
+    final = pathlib.Path(workdir) / FINAL_DIR
+    variables = result.state.variables
+    checkpoint.save_variables(final / "student", variables)
+    smooth_variables = None
+    if smooth is not None:
+        smooth_variables = smoothed_variables(model, result.extras[SMOOTH_KEY], variables, smooth,
+                                              make_recalibration_batches, mesh)
+        checkpoint.save_variables(final / "smooth", smooth_variables)
+    return StudentResult(variables=variables, smooth_variables=smooth_variables, fit=result)
+
+
+@jax.jit
+def _average_in(smooth_state: smoothing.SmoothState, params: Any, batch_stats: Any) -> smoothing.SmoothState:
+    """One running-mean update, jitted (no donation: `params` still belongs to the live state)."""
+    return smooth_state.update(params, batch_stats if smooth_state.batch_stats is not None else None)
+
+
+def smoothed_variables(model: nn.Module, smooth_state: smoothing.SmoothState, student_variables: dict,
+                       spec: SmoothSpec, make_batches: Callable[[], Iterator] | None,
+                       mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """M_smooth's variables: the averaged params with recalibrated (or averaged) BatchNorm statistics."""
+    if int(smooth_state.count) == 0:
+        raise ValueError(f"M_smooth averaged no snapshot: the run has no epoch after the warm-up of "
+                         f"{spec.warmup_epochs} epochs (--distill.warmup_epochs must be < --optim.epochs)")
+    if spec.bn_mode == "average":
+        return {"params": smooth_state.params, "batch_stats": smooth_state.batch_stats}
+    if make_batches is None:
+        raise ValueError("bn_mode='recalibrate' needs make_recalibration_batches")
+    batches = (parallel.shard_batch({"image": b["image"]}, mesh)
+               for b in itertools.islice(make_batches(), spec.recalibration_batches))
+    stats = smoothing.recalibrate_batch_stats(model, smooth_state.params, student_variables["batch_stats"], batches)
+    return {"params": smooth_state.params, "batch_stats": stats}

@@ -1,0 +1,89 @@
+"""Finished models on disk, and the one call a notebook needs to load any of them.
+
+A finished model is a folder of variables (`rosjax.checkpoint.save_variables`) next to a
+`model.json` that says how to rebuild its module. `load_setting(workdir, name)` returns
+`(module, variables, info)` for a student setting or a teacher:
+
+    from rosjax.experiment.artifacts import load_setting
+    model, variables, info = load_setting("work/lesion", "rosjax")       # M_smooth
+    predict = jax.jit(lambda x: model.apply(variables, x, train=False))
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from rosjax import checkpoint, models
+from rosjax.config import ExperimentConfig
+from rosjax.experiment import workdir as workdir_lib
+from rosjax.train.state import TrainState
+
+MODEL_JSON = "model.json"
+# Where each setting's final model lives, relative to WORKDIR/settings/.
+SETTING_MODELS = {
+    "baseline_i": ("baseline_i", "student"),
+    "baseline_ii": ("baseline_ii", "student"),
+    "baseline_iii": ("baseline_iii", "student"),
+    "baseline_iv": ("baseline_iv", "student"),
+    "baseline_v": ("rosjax", "student"),   # RoS-KD's raw student: no smoothing.
+    "rosjax": ("rosjax", "smooth"),        # M_smooth.
+}
+
+
+def model_spec(cfg: ExperimentConfig, architecture: str, *, class_names, num_channels: int) -> dict[str, Any]:
+    """What `build_model` needs to rebuild a module, as JSON."""
+    return {"architecture": architecture, "num_classes": len(class_names), "class_names": list(class_names),
+            "dtype": cfg.dtype, "pixel_mean": list(cfg.data.pixel_mean),
+            "pixel_std": list(cfg.data.pixel_std), "image_size": cfg.data.image_size,
+            "num_channels": num_channels}
+
+
+def build_model(spec: dict[str, Any]):
+    """The linen module described by a `model_spec` dict."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if spec["dtype"] not in dtypes:
+        raise ValueError(f"dtype {spec['dtype']!r}: expected one of {', '.join(dtypes)}")
+    return models.create(spec["architecture"], spec["num_classes"], dtype=dtypes[spec["dtype"]],
+                         pixel_mean=tuple(spec["pixel_mean"]), pixel_std=tuple(spec["pixel_std"]))
+
+
+def inference_state(model, variables: dict[str, Any]) -> TrainState:
+    """A state without optimiser, for `rosjax.train.evaluate` passes over a finished model."""
+    return TrainState(step=np.zeros((), np.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), opt_state=None,
+                      apply_fn=model.apply, tx=None)
+
+
+def write_spec(folder: pathlib.Path, spec: dict[str, Any]) -> None:
+    workdir_lib.write_json(folder / MODEL_JSON, spec)
+
+
+def model_folder(workdir: str | pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(spec folder, variables folder) of a setting name or `teacher:<i>`."""
+    root = pathlib.Path(workdir).expanduser()
+    if name.startswith("teacher:"):
+        index = int(name.split(":", 1)[1])
+        matches = sorted((root / "teachers").glob(f"{index}-*"))
+        if not matches:
+            raise FileNotFoundError(f"no teacher {index} under {root / 'teachers'}")
+        return matches[0], matches[0] / "final"
+    if name not in SETTING_MODELS:
+        raise ValueError(f"unknown setting {name!r}; valid: {', '.join(SETTING_MODELS)}, teacher:<i>")
+    folder, which = SETTING_MODELS[name]
+    return root / "settings" / folder, root / "settings" / folder / "final" / which
+
+
+def load_setting(workdir: str | pathlib.Path, name: str, sharding=None):
+    """Loads a finished model: returns (module, variables, spec dict).
+
+    `name` is a setting (baseline_i … baseline_v, rosjax) or `teacher:<i>`.
+    """
+    spec_dir, variables_dir = model_folder(workdir, name)
+    if not (spec_dir / MODEL_JSON).exists() or not variables_dir.exists():
+        raise FileNotFoundError(f"{name!r} has not finished training in {workdir} "
+                                f"(missing {spec_dir / MODEL_JSON} or {variables_dir})")
+    spec = workdir_lib.read_json(spec_dir / MODEL_JSON)
+    return build_model(spec), checkpoint.load_variables(variables_dir, sharding), spec

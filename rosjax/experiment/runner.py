@@ -1,0 +1,87 @@
+"""Runs an experiment's stages in order: data → teachers → settings → evaluate → sweeps → folds → report.
+
+`run(cfg, workdir, stages=..., settings=..., teacher=...)` is what the CLI calls; every stage
+skips what is already complete in `workdir`, so the same command resumes a killed run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import jax
+
+from rosjax import config as config_lib
+from rosjax.config import ExperimentConfig
+from rosjax.eval import report as report_lib
+from rosjax.experiment import data as data_lib
+from rosjax.experiment import evaluation, training
+from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
+from rosjax.train import parallel
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
+        teacher: int | None = None) -> dict | None:
+    """Runs `stages` of the experiment `cfg` in `workdir`; returns the report when it was written."""
+    parallel.maybe_initialize_distributed()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    wd = Workdir(workdir)
+    check_config(wd, config_lib.to_dict(cfg))
+    mesh = parallel.make_mesh()
+    started = time.perf_counter()
+    log.info("experiment %s in %s on %d %s device(s); stages: %s", cfg.name, wd.root, jax.device_count(),
+             jax.devices()[0].platform, ", ".join(stages))
+
+    data = data_lib.load(cfg)
+    write_json(wd.path("data", "summary.json"), data_lib.summary(data, cfg))
+    if "teachers" in stages:
+        indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
+        for i in indices:
+            training.train_teacher(cfg, wd, data, i, mesh)
+    if "settings" in stages:
+        for setting in settings:
+            training.train_setting(cfg, wd, data, setting, mesh)
+    if "evaluate" in stages:
+        evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh)
+    if "sweeps" in stages:
+        from rosjax.experiment import sweeps  # noqa: PLC0415
+        sweeps.run_sweeps(cfg, wd, mesh)
+    if "folds" in stages:
+        from rosjax.experiment import sweeps  # noqa: PLC0415
+        sweeps.run_folds(cfg, wd, mesh)
+    if "report" in stages:
+        report = build_report(cfg, wd)
+        json_path, md_path = report_lib.write_report(wd.root, report)
+        log.info("report: %s and %s (%.0f s)", md_path, json_path, time.perf_counter() - started)
+        return report
+    return None
+
+
+def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
+    """Collects every finished stage's results from the work directory into one dict."""
+    report = {"experiment": cfg.name, "smoke": cfg.smoke, "config": config_lib.to_dict(cfg),
+              "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind}}
+    summary_path = wd.root / "data" / "summary.json"
+    if summary_path.exists():
+        report["data"] = read_json(summary_path)
+    report["teachers"] = [r for i, arch in enumerate(cfg.teachers.architectures)
+                          if (r := done(wd.root / "teachers" / f"{i}-{arch}")) is not None]
+    settings = {}
+    for setting in report_lib.TABLE_I_ORDER:
+        trained = "rosjax" if setting == "baseline_v" else setting
+        record = done(wd.root / "settings" / trained)
+        scored = wd.root / "eval" / f"{setting}.json"
+        if record is None:
+            settings[setting] = {"status": "not run"}
+        elif not scored.exists():
+            settings[setting] = {**record, "status": "trained, not evaluated"}
+        else:
+            settings[setting] = {**record, **read_json(scored)}
+    report["settings"] = settings
+    for name in ("robustness", "landscape", "sweeps", "folds"):
+        path = wd.root / "eval" / f"{name}.json"
+        if path.exists():
+            report[name] = read_json(path)
+    return report

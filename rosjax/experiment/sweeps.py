@@ -1,0 +1,140 @@
+"""The paper's sweeps (Figures 2 and 3, teacher-weight variants) and NIH's three runs (Table III).
+
+Each sweep point is a nested work directory, `WORKDIR/sweeps/<sweep>/<point>/` or
+`WORKDIR/folds/seed<s>/`, holding its own config.json, settings and eval results, so a point
+is a resumable stage like any other: a finished point is read back, an interrupted one resumes.
+The point that equals the main run's configuration is not retrained: its numbers come from the
+main run.
+
+  overlap    teachers retrained on subsets with overlap p; RoS-KD and baseline III at each p
+  student    each student architecture distilled from the main teachers, RoS-KD vs baseline III
+  weights    RoS-KD with normalised or per-example teacher weights (main teachers)
+  folds      NIH: the whole pipeline on three split seeds; per-class AUROC mean ± std
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rosjax import config as config_lib
+from rosjax.config import ExperimentConfig
+from rosjax.experiment import data as data_lib
+from rosjax.experiment import evaluation, training
+from rosjax.experiment.workdir import Workdir, check_config, write_json
+
+log = logging.getLogger(__name__)
+
+COMPARED = ("baseline_iii", "rosjax")
+WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
+    "none": (None, False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": (None, True)}
+
+
+def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd: Workdir | None) -> dict[str, Any]:
+    """Trains and scores one sweep point; `teachers_wd=None` trains the point's own teachers."""
+    check_config(wd, config_lib.to_dict(cfg))
+    data = data_lib.load(cfg)
+    if teachers_wd is None:
+        for i in range(len(cfg.teachers.architectures)):
+            training.train_teacher(cfg, wd, data, i, mesh)
+    for setting in settings:
+        training.train_setting(cfg, wd, data, setting, mesh, teachers_wd=teachers_wd or wd)
+    return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
+
+
+def _f1(scores: dict[str, Any], name: str):
+    return scores[name]["test"]["f1_macro"] if name in scores else None
+
+
+def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
+    """Runs the three sweeps, writes `eval/sweeps.json` and one plot per sweep; returns the results."""
+    main = {name: evaluation.read_json(path) for name in evaluation.settings_to_evaluate(COMPARED)
+            if (path := wd.root / "eval" / f"{name}.json").exists()}
+    if "rosjax" not in main or "baseline_iii" not in main:
+        raise RuntimeError("the sweeps compare against the main run: run the stages settings and evaluate "
+                           "(baseline_iii and rosjax) first")
+    d = cfg.distill
+    sweeps = {
+        "overlap": _sweep(
+            cfg, wd, mesh, main, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
+            cfg.sweeps.overlaps, lambda p: f"p{p:g}", lambda p: p == cfg.teachers.overlap,
+            lambda p: dataclasses.replace(cfg, teachers=dataclasses.replace(cfg.teachers, overlap=p)),
+            own_teachers=True),
+        "student": _sweep(
+            cfg, wd, mesh, main, "student", "student", "Figure 2: student architecture",
+            cfg.sweeps.students, str, lambda a: a == d.student,
+            lambda a: dataclasses.replace(cfg, distill=dataclasses.replace(d, student=a)), own_teachers=False),
+        "weights": _sweep(
+            cfg, wd, mesh, main, "weights", "teacher weights", "Teacher-weight normalisation",
+            cfg.sweeps.normalizations, str, lambda v: WEIGHT_VARIANTS[v] == (d.normalize, d.per_example),
+            lambda v: dataclasses.replace(cfg, distill=dataclasses.replace(
+                d, normalize=WEIGHT_VARIANTS[v][0], per_example=WEIGHT_VARIANTS[v][1])),
+            own_teachers=False, settings=("rosjax",)),
+    }
+    write_json(wd.path("eval", "sweeps.json"), sweeps)
+    return sweeps
+
+
+def _sweep(cfg, wd, mesh, main, name, parameter, title, values, point_name: Callable, is_main: Callable,
+           point_cfg: Callable, *, own_teachers: bool, settings=COMPARED) -> dict[str, Any]:
+    unknown = [v for v in values if name == "weights" and v not in WEIGHT_VARIANTS]
+    if unknown:
+        raise ValueError(f"--sweeps.normalizations: unknown {unknown}; valid: {', '.join(WEIGHT_VARIANTS)}")
+    points = {}
+    for value in values:
+        if is_main(value):
+            scores = main
+        else:
+            log.info("sweep %s: point %s", name, value)
+            pcfg = dataclasses.replace(point_cfg(value), settings=tuple(settings))
+            scores = run_point(pcfg, Workdir(wd.folder("sweeps", name, point_name(value))), mesh,
+                               settings=settings, teachers_wd=None if own_teachers else wd)
+        points[str(value)] = {"rosjax_f1": _f1(scores, "rosjax"), "baseline_iii_f1": _f1(scores, "baseline_iii"),
+                              "baseline_v_f1": _f1(scores, "baseline_v")}
+    plot = f"plots/sweep_{name}.png"
+    _plot_sweep(points, parameter, title, wd.path(*plot.split("/")))
+    return {"parameter": parameter, "title": title, "points": points, "plot_png": plot}
+
+
+def _plot_sweep(points: dict[str, dict], parameter: str, title: str, path) -> None:
+    labels = list(points)
+    x = np.arange(len(labels))
+    fig = Figure(figsize=(max(5, 1.1 * len(labels)), 3.6))
+    ax = fig.add_subplot()
+    for key, label, offset in (("rosjax_f1", "RoS-KD", -0.2), ("baseline_iii_f1", "Baseline III", 0.2)):
+        values = [points[p][key] for p in labels]
+        if any(v is not None for v in values):
+            ax.bar(x + offset, [np.nan if v is None else v for v in values], width=0.4, label=label)
+    ax.set(xticks=x, xticklabels=labels, xlabel=parameter, ylabel="test macro F1", title=title)
+    ax.legend()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
+    """Table III: RoS-KD on each split seed; per-class test AUROC mean ± std (sample std, ddof=1)."""
+    per_run = []
+    for seed in cfg.sweeps.fold_seeds:
+        if seed == cfg.data.split_seed and (wd.root / "eval" / "rosjax.json").exists():
+            scores = {"rosjax": evaluation.read_json(wd.root / "eval" / "rosjax.json")}
+        else:
+            log.info("fold with split seed %d", seed)
+            fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=("rosjax",))
+            scores = run_point(fcfg, Workdir(wd.folder("folds", f"seed{seed}")), mesh, settings=("rosjax",),
+                               teachers_wd=None)
+        per_run.append(scores["rosjax"]["test"])
+    names = list(per_run[0]["per_class"])
+    table = np.array([[run["per_class"][c]["auroc"] if run["per_class"][c]["auroc"] is not None else np.nan
+                       for c in names] for run in per_run], np.float64)  # [runs, C]
+    means = np.nanmean(table, axis=1)  # [runs] mean AUROC of each run
+    ddof = 1 if len(per_run) > 1 else 0
+    folds = {"setting": "RoS-KD", "runs": len(per_run), "split_seeds": list(cfg.sweeps.fold_seeds),
+             "class_names": names, "auroc_per_run": table.tolist(),
+             "auroc_mean": np.nanmean(table, axis=0).tolist(), "auroc_std": np.nanstd(table, axis=0, ddof=ddof).tolist(),
+             "mean_auroc_mean": float(np.mean(means)), "mean_auroc_std": float(np.std(means, ddof=ddof))}
+    write_json(wd.path("eval", "folds.json"), folds)
+    return folds

@@ -1,0 +1,157 @@
+"""The training stages: one teacher per subset, then each student setting.
+
+Each stage trains in its own folder of the work directory (checkpoints, metrics.jsonl, final/)
+and ends by writing `DONE.json`; a folder with `DONE.json` is skipped, a folder without one
+resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+
+from rosjax.config import ExperimentConfig
+from rosjax.distill import trainer
+from rosjax.experiment import artifacts
+from rosjax.experiment import data as data_lib
+from rosjax.experiment.workdir import Workdir, done, mark_done
+from rosjax.train import classifier, evaluate, loop, parallel
+
+log = logging.getLogger(__name__)
+
+# Settings that distil from teachers, and how they weight them.
+KD_WEIGHTING = {"baseline_ii": "equal", "baseline_iii": "equal", "rosjax": "exponential"}
+
+
+def loop_config(cfg: ExperimentConfig) -> loop.LoopConfig:
+    return loop.LoopConfig(log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
+
+
+def image_shape(cfg: ExperimentConfig, data: data_lib.ExperimentData) -> tuple[int, int, int]:
+    return (cfg.data.image_size, cfg.data.image_size, data.dataset.num_channels)
+
+
+def spec_for(cfg: ExperimentConfig, data: data_lib.ExperimentData, architecture: str) -> dict[str, Any]:
+    return artifacts.model_spec(cfg, architecture, class_names=data.dataset.class_names,
+                                num_channels=data.dataset.num_channels)
+
+
+def validation_evaluator(cfg, data, mesh):
+    return evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["validation"]), mesh=mesh,
+                                   multilabel=data.multilabel, class_names=data.dataset.class_names)
+
+
+def wall_clock(folder: pathlib.Path) -> float:
+    """Training seconds summed over the epochs in metrics.jsonl (resumed runs included)."""
+    path = folder / loop.METRICS_FILE
+    if not path.exists():
+        return 0.0
+    return sum(json.loads(line)["epoch_seconds"] for line in path.read_text().splitlines() if line.strip())
+
+
+def test_metrics(cfg, data, model, variables, mesh) -> dict[str, Any]:
+    """Test-split metrics of a finished model (`classification_metrics` plus mean loss)."""
+    evaluator = evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
+                                        multilabel=data.multilabel, class_names=data.dataset.class_names)
+    return evaluator(artifacts.inference_state(model, variables), {})
+
+
+def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, index: int,
+                  mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Trains teacher `index` on its subset (skipped when done); returns its DONE record."""
+    architecture = cfg.teachers.architectures[index]
+    folder = wd.teacher_dir(index, architecture)
+    if (record := done(folder)) is not None:
+        return record
+    log.info("teacher %d (%s): %d training examples", index, architecture, len(data.subsets[index]))
+    spec = spec_for(cfg, data, architecture)
+    artifacts.write_spec(folder, spec)
+    model = artifacts.build_model(spec)
+    rows = data.subsets[index]
+    result = classifier.train_classifier(
+        model, lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "teacher", index)),
+        validation_evaluator(cfg, data, mesh), folder, optim_cfg=cfg.optim,
+        steps_per_epoch=data_lib.steps_per_epoch(cfg, rows), image_shape=image_shape(cfg, data),
+        multilabel=data.multilabel, seed=_seed(cfg, "teacher", index), loop_cfg=loop_config(cfg), mesh=mesh)
+    record = {"index": index, "architecture": architecture, "train_examples": int(len(rows)),
+              "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
+              "test": test_metrics(cfg, data, model, result.variables, mesh)}
+    mark_done(folder, record)
+    return record
+
+
+def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tuple[Any, Any]]:
+    """(apply_fn, variables) of finished teachers, replicated on the mesh; a clear error if one is missing."""
+    teachers = []
+    for i in indices:
+        architecture = cfg.teachers.architectures[i]
+        folder = wd.teacher_dir(i, architecture)
+        if done(folder) is None:
+            raise RuntimeError(f"teacher {i} ({architecture}) has not finished: run "
+                               f"`--stage teachers` (or `--teacher {i}`) with this work directory first")
+        model, variables, _ = artifacts.load_setting(wd.root, f"teacher:{i}", parallel.replicated(mesh))
+        teachers.append((model.apply, variables))
+    return teachers
+
+
+def teacher_indices(cfg: ExperimentConfig, setting: str) -> list[int]:
+    """Which teachers a setting distils from."""
+    if setting == "baseline_i":
+        return []
+    if setting == "baseline_ii":
+        if cfg.teachers.single_teacher not in cfg.teachers.architectures:
+            raise ValueError(f"--teachers.single_teacher={cfg.teachers.single_teacher!r} is not among "
+                             f"--teachers.architectures={','.join(cfg.teachers.architectures)}")
+        return [cfg.teachers.architectures.index(cfg.teachers.single_teacher)]
+    return list(range(len(cfg.teachers.architectures)))
+
+
+def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, setting: str,
+                  mesh: jax.sharding.Mesh, *, teachers_wd: Workdir | None = None) -> dict[str, Any]:
+    """Trains one student setting on the whole training split (skipped when done).
+
+    The teachers come from `teachers_wd` (default: `wd` itself); sweeps over student options
+    reuse the main run's teachers this way.
+    """
+    folder = wd.setting_dir(setting)
+    if (record := done(folder)) is not None:
+        return record
+    spec = spec_for(cfg, data, cfg.distill.student)
+    artifacts.write_spec(folder, spec)
+    model = artifacts.build_model(spec)
+    rows = data.splits["train"]
+    teachers = load_teachers(cfg, teachers_wd or wd, teacher_indices(cfg, setting), mesh)
+    make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
+    common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
+                  image_shape=image_shape(cfg, data), multilabel=data.multilabel,
+                  seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh)
+    d = cfg.distill
+    if setting == "baseline_iv":
+        from rosjax.distill import rl_trainer  # noqa: PLC0415
+        rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
+                                    kd=trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting="equal"),
+                                    rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
+                                                         learning_rate=d.rl_learning_rate,
+                                                         baseline_decay=d.rl_baseline_decay),
+                                    **common)
+    else:
+        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=KD_WEIGHTING.get(setting, "equal"),
+                            per_example=d.per_example if setting == "rosjax" else False,
+                            normalize=d.normalize if setting == "rosjax" else None)
+        smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
+                                     recalibration_batches=d.recalibration_batches)
+                  if setting == "rosjax" else None)
+        trainer.train_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder, kd=kd,
+                              smooth=smooth, make_recalibration_batches=make_iter, **common)
+    record = {"setting": setting, "teachers": teacher_indices(cfg, setting), "student": cfg.distill.student,
+              "wall_clock_s": wall_clock(folder), "teacher_outputs": "online"}
+    mark_done(folder, record)
+    return record
+
+
+def _seed(cfg: ExperimentConfig, role: str, index: int) -> int:
+    """A distinct, reproducible seed per role and index, derived from the run seed."""
+    return cfg.seed * 1000 + {"teacher": 100, "student": 0}[role] + index
