@@ -46,7 +46,7 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     return dataclasses.replace(
         cfg,
         smoke=True,
-        data=dataclasses.replace(cfg.data, manual_dir=str(sample_dir(cfg.data.dataset)), download=False,
+        data=dataclasses.replace(cfg.data, manual_dir=str(sample_dir(cfg.data.dataset)),
                                  data_dir="~/.cache/rosjax/tensorflow_datasets", stored_size=64,
                                  image_size=32, eval_batch_size=32),
         optim=dataclasses.replace(cfg.optim, epochs=4, batch_size=16, learning_rate=0.05, milestones=(3,)),

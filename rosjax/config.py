@@ -24,8 +24,7 @@ PAPER_TEACHERS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet1
 class DataConfig:
     dataset: str                       # TFDS builder name: "isic2019" or "nih_chestxray14".
     data_dir: str = "~/tensorflow_datasets"  # Where TFDS stores the prepared ArrayRecord files.
-    manual_dir: str | None = None      # Folder with already-downloaded raw files (None: download / TFDS default).
-    download: bool = True              # Allow downloading raw files that are not in manual_dir.
+    manual_dir: str | None = None      # Folder with already-downloaded raw files (None: <data_dir>/downloads/manual, else download).
     stored_size: int | None = None     # Builder config (stored image side in px); None: the builder's default.
     image_size: int = 224              # Side of the crops the networks see, in px.
     labels: tuple[str, ...] = ()       # NIH: the label subset to learn (default: the 8 ChestX-ray8 labels).

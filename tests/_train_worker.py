@@ -6,7 +6,7 @@ every epoch). The same code runs in-process (4 fake CPU devices from conftest.py
 subprocesses below, which set their own XLA flags before importing JAX:
 
     python tests/_train_worker.py fit --workdir W --epochs 2 [--kill-at-call K]
-        trains like `run_fit`; with --kill-at-call it SIGKILLs itself right after the K-th
+        trains like `run_counting_fit`; with --kill-at-call it SIGKILLs itself right after the K-th
         step call, i.e. while the checkpoint issued after step K-1 may still be writing.
     python tests/_train_worker.py multihost --port P --process-id I --num-processes N
         --workdir W --out OUT.npz
@@ -100,8 +100,20 @@ def run_fit(workdir, mesh, *, epochs: int = 2, step_wrapper=None, iterator=None,
                     schedule=schedule, **fit_kwargs)
 
 
-def _use_cpu_devices(count: int) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+def count_epochs(state, epoch, extras):
+    """on_epoch_end hook: extras['epochs'] counts finished epochs (saved with the state)."""
+    return {"epochs": extras["epochs"] + 1}
+
+
+def run_counting_fit(workdir, mesh, *, epochs: int = 2, **kwargs):
+    """`run_fit` with `count_epochs` as the epoch hook and its counter as the only extra."""
+    import jax.numpy as jnp
+    return run_fit(workdir, mesh, epochs=epochs, on_epoch_end=count_epochs,
+                   extras={"epochs": jnp.zeros((), jnp.int32)}, **kwargs)
+
+
+def _use_cpu_devices(count: int, extra_xla_flags: str = "") -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count} {extra_xla_flags}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
@@ -139,10 +151,13 @@ def main(argv):
         _use_cpu_devices(4)
         from rosjax.train import parallel
         wrapper = _kill_after(args.kill_at_call) if args.kill_at_call else None
-        run_fit(args.workdir, parallel.make_mesh(), epochs=args.epochs, step_wrapper=wrapper)
+        run_counting_fit(args.workdir, parallel.make_mesh(), epochs=args.epochs,
+                         step_wrapper=wrapper)
         return
 
-    _use_cpu_devices(2)
+    # gloo waits 30 s by default for the other process to join a collective; a loaded test
+    # machine can fall further behind than that (e.g. while compiling).
+    _use_cpu_devices(2, "--xla_cpu_collective_timeout_seconds=600")
     os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{args.port}",
                       JAX_NUM_PROCESSES=str(args.num_processes),
                       JAX_PROCESS_ID=str(args.process_id))

@@ -9,7 +9,7 @@ import pytest
 
 from rosjax.eval import attacks
 
-B, H, W, C, K = 6, 8, 8, 3, 5  # batch, 8x8 RGB images, 5 classes
+B, H, W, C, K = 8, 8, 8, 3, 5  # batch, 8x8 RGB images, 5 classes
 D = H * W * C
 
 
@@ -20,8 +20,8 @@ def _linear_params(seed=0):
 
 
 def _linear(params, x):
-    """logits = flatten(x) @ W + b."""
-    return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]  # [B, K]
+    """logits = flatten(x) @ W + b (full-precision matmul, also on GPUs that default to TF32)."""
+    return jnp.matmul(x.reshape(x.shape[0], -1), params["w"], precision="highest") + params["b"]
 
 
 def _mlp_params(seed=1, hidden=32):
@@ -33,8 +33,9 @@ def _mlp_params(seed=1, hidden=32):
 
 def _mlp(params, x):
     """A small nonlinear (tanh) model."""
-    h = jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])  # [B, hidden]
-    return h @ params["w2"]  # [B, K]
+    h = jnp.tanh(jnp.matmul(x.reshape(x.shape[0], -1), params["w1"], precision="highest")
+                 + params["b1"])  # [B, hidden]
+    return jnp.matmul(h, params["w2"], precision="highest")  # [B, K]
 
 
 def _images(seed, low=0.0, high=1.0, batch=B):
@@ -59,34 +60,55 @@ def _np_ce(logits, y):
     return -np.log(_np_softmax(logits)[np.arange(len(y)), y])  # [B]
 
 
-def _attack(name, apply_fn, x, y, eps, norm, multilabel=False):
-    if name == "fgsm":
-        return attacks.fgsm(apply_fn, x, y, eps=eps, norm=norm, multilabel=multilabel)
-    return attacks.pgd(apply_fn, x, y, jax.random.key(3), eps=eps, norm=norm, steps=5,
+@functools.partial(jax.jit, static_argnames=("norm", "random_start", "multilabel"))
+def _pgd_mlp(params, x, y, key, eps, norm, steps=5, step_size=None, random_start=True,
+             multilabel=False):
+    """PGD on the MLP; eps and steps are traced so the tests share a few compiles."""
+    return attacks.pgd(functools.partial(_mlp, params), x, y, key, eps=eps, norm=norm,
+                       steps=steps, step_size=step_size, random_start=random_start,
                        multilabel=multilabel)
 
 
+@functools.partial(jax.jit, static_argnames=("norm", "multilabel"))
+def _fgsm_mlp(params, x, y, eps, norm, multilabel=False):
+    """FGSM on the MLP, jitted with a traced eps (one compile per norm and task)."""
+    return attacks.fgsm(functools.partial(_mlp, params), x, y, eps=eps, norm=norm,
+                        multilabel=multilabel)
+
+
+def _attack(name, x, y, eps, norm, multilabel=False):
+    if name == "fgsm":
+        return _fgsm_mlp(_mlp_params(), x, y, eps, norm, multilabel=multilabel)
+    return _pgd_mlp(_mlp_params(), x, y, jax.random.key(3), eps, norm, multilabel=multilabel)
+
+
+@pytest.mark.parametrize("norm,want", [(2, "l2"), (2.0, "l2"), ("2", "l2"), ("L2", "l2"),
+                                       (np.inf, "linf"), (float("inf"), "linf"),
+                                       ("inf", "linf"), ("linf", "linf")])
+def test_norm_spellings(norm, want):
+    assert attacks.canonical_norm(norm) == want
+
+
 @pytest.mark.parametrize("name", ["fgsm", "pgd"])
-@pytest.mark.parametrize("norm,eps", [(2, 0.5), ("2", 128 / 255), (np.inf, 0.05), ("inf", 8 / 255)])
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("l2", 128 / 255), ("linf", 0.05),
+                                      ("linf", 8 / 255)])
 def test_perturbation_in_ball_and_pixels_in_range(name, norm, eps):
     x = _images(0)  # uniform on [0, 1]: many pixels near the boundary, so clipping is active
-    apply_fn = functools.partial(_mlp, _mlp_params())
-    x_adv = np.asarray(_attack(name, apply_fn, x, _labels(0), eps, norm), np.float64)
+    x_adv = np.asarray(_attack(name, x, _labels(0), eps, norm), np.float64)
     delta = (x_adv - x).reshape(B, -1)
-    size = (np.linalg.norm(delta, axis=1) if attacks.canonical_norm(norm) == "l2"
-            else np.abs(delta).max(axis=1))
+    size = np.linalg.norm(delta, axis=1) if norm == "l2" else np.abs(delta).max(axis=1)
     assert np.all(size <= eps + 1e-6), size
     assert np.all(size > 0.5 * eps)  # it did move
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
-def test_multilabel_perturbation_in_ball():
+@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+def test_multilabel_perturbation_in_ball(name):
     x = _images(1)
-    apply_fn = functools.partial(_mlp, _mlp_params())
-    for name in ("fgsm", "pgd"):
-        x_adv = np.asarray(_attack(name, apply_fn, x, _multi_hot(1), 0.5, 2, multilabel=True))
-        assert np.all(np.linalg.norm((x_adv - x).reshape(B, -1), axis=1) <= 0.5 + 1e-6)
-        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    x_adv = np.asarray(_attack(name, x, _multi_hot(1), 0.5, "l2", multilabel=True), np.float64)
+    size = np.linalg.norm((x_adv - x).reshape(B, -1), axis=1)
+    assert np.all(size <= 0.5 + 1e-6) and np.all(size > 0.25)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
 def _fgsm_reference(x, g, eps, norm):
@@ -132,36 +154,37 @@ def test_fgsm_is_jittable_with_traced_eps():
                                atol=2e-6)
 
 
-@pytest.mark.parametrize("norm", [2, np.inf])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_zero_eps_changes_nothing(norm):
-    apply_fn = functools.partial(_mlp, _mlp_params())
+    params = _mlp_params()
+    apply_fn = functools.partial(_mlp, params)
     x, y = _images(5), _labels(5)
-    outs = [attacks.fgsm(apply_fn, x, y, eps=0.0, norm=norm),
-            attacks.pgd(apply_fn, x, y, jax.random.key(0), eps=0.0, norm=norm),
-            attacks.pgd(apply_fn, x, y, jax.random.key(0), eps=0.0, norm=norm, step_size=0.1)]
+    key = jax.random.key(0)
+    outs = [_fgsm_mlp(params, x, y, 0.0, norm),
+            _pgd_mlp(params, x, y, key, 0.0, norm),  # default step size 2.5 * 0 / steps
+            _pgd_mlp(params, x, y, key, 0.0, norm, step_size=0.1)]
     clean_pred = np.argmax(np.asarray(apply_fn(x)), -1)
     for x_adv in outs:
         np.testing.assert_array_equal(np.asarray(x_adv), x)
         np.testing.assert_array_equal(np.argmax(np.asarray(apply_fn(x_adv)), -1), clean_pred)
 
 
-@pytest.mark.parametrize("norm,eps", [(2, 0.5), ("inf", 0.03)])
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 0.03)])
 def test_pgd_raises_loss_at_least_as_much_as_fgsm(norm, eps):
     params = _mlp_params()
     apply_fn = functools.partial(_mlp, params)
-    x, y = _images(6, batch=32), _labels(6, batch=32)
+    x, y = _images(6), _labels(6)
     clean = _np_ce(apply_fn(x), y).mean()
-    loss_fgsm = _np_ce(apply_fn(attacks.fgsm(apply_fn, x, y, eps=eps, norm=norm)), y).mean()
-    loss_pgd = _np_ce(apply_fn(attacks.pgd(apply_fn, x, y, jax.random.key(1), eps=eps,
-                                           norm=norm, steps=10)), y).mean()
+    loss_fgsm = _np_ce(apply_fn(_fgsm_mlp(params, x, y, eps, norm)), y).mean()
+    loss_pgd = _np_ce(apply_fn(_pgd_mlp(params, x, y, jax.random.key(1), eps, norm, steps=10)),
+                      y).mean()
     assert loss_fgsm > clean
     assert loss_pgd >= loss_fgsm, (clean, loss_fgsm, loss_pgd)
 
 
 def test_pgd_same_key_same_result():
-    apply_fn = functools.partial(_mlp, _mlp_params())
     x, y = _images(7), _labels(7)
-    run = lambda key: np.asarray(attacks.pgd(apply_fn, x, y, key, eps=0.5, steps=3))
+    run = lambda key: np.asarray(_pgd_mlp(_mlp_params(), x, y, key, 0.5, "l2", steps=3))
     first = run(jax.random.key(11))
     np.testing.assert_array_equal(first, run(jax.random.key(11)))
     assert not np.array_equal(first, run(jax.random.key(12)))  # the random start uses the key
@@ -183,7 +206,7 @@ def test_bad_config_is_rejected():
         attacks.AttackConfig(steps=0)
 
 
-def _batches(multilabel, n_batches=3, batch=4):
+def _batches(multilabel, n_batches=3, batch=B):
     out = []
     for i in range(n_batches):
         label = _multi_hot(20 + i, batch) if multilabel else _labels(20 + i, batch)
@@ -213,19 +236,18 @@ def test_evaluate_under_attack(multilabel):
                                                        multilabel=multilabel)
     assert len(traces) == n_traces  # one compile serves every (same-shaped) batch
     keep = np.concatenate([b["mask"] for b in batches]) > 0
-    assert keep.sum() == 11 and len(y_true) == len(clean) == len(adv) == 11
+    assert keep.sum() == 3 * B - 1 and len(y_true) == len(clean) == len(adv) == 3 * B - 1
     np.testing.assert_array_equal(y_true, np.concatenate([b["label"] for b in batches])[keep])
     logits = np.concatenate([np.asarray(_mlp(variables, b["image"]), np.float64)
                              for b in batches])[keep]
     expect = 1 / (1 + np.exp(-logits)) if multilabel else _np_softmax(logits)
     np.testing.assert_allclose(clean, expect, atol=1e-5)
     # Batch i is attacked with fold_in(key, i).
-    x_adv = attacks.pgd(functools.partial(_mlp, variables), batches[1]["image"],
-                        batches[1]["label"], jax.random.fold_in(key, 1), eps=0.5, steps=3,
-                        multilabel=multilabel)
+    x_adv = _pgd_mlp(variables, batches[1]["image"], batches[1]["label"],
+                     jax.random.fold_in(key, 1), 0.5, "l2", steps=3, multilabel=multilabel)
     logits_adv = np.asarray(_mlp(variables, x_adv), np.float64)
     expect_adv = 1 / (1 + np.exp(-logits_adv)) if multilabel else _np_softmax(logits_adv)
-    np.testing.assert_allclose(adv[4:8], expect_adv, atol=1e-5)
+    np.testing.assert_allclose(adv[B:2 * B], expect_adv, atol=1e-5)
     assert not np.allclose(adv, clean, atol=1e-3)
 
 
@@ -233,10 +255,30 @@ def test_evaluate_under_attack_fgsm_zero_eps_matches_clean():
     y_true, clean, adv = attacks.evaluate_under_attack(
         _mlp, _mlp_params(), _batches(False), attacks.AttackConfig(method="fgsm", eps=0.0),
         jax.random.key(0), multilabel=False)
-    np.testing.assert_array_equal(clean, adv)
+    np.testing.assert_allclose(adv, clean, rtol=0, atol=1e-6)  # GPU kernels may differ by an ulp
 
 
 def test_evaluate_under_attack_rejects_wrong_label_shape():
     with pytest.raises(ValueError, match="batch 0 'label'"):
         attacks.evaluate_under_attack(_mlp, _mlp_params(), _batches(False), attacks.AttackConfig(),
                                       jax.random.key(0), multilabel=True)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_random_start_is_uniform_in_the_ball(norm):
+    # With one step of size 0, PGD returns x + its random start (x = 0.5, eps = 0.4: no clip).
+    n, eps = 4000, 0.4
+    x = np.full((n, 1, 1, 2), 0.5, np.float32)  # 2-D "images": the ball is a disk / square
+    apply_fn = lambda v: jnp.matmul(v.reshape(n, 2), jnp.ones((2, K)), precision="highest")
+    x_adv = attacks.pgd(apply_fn, x, np.zeros(n, np.int32), jax.random.key(9), eps=eps,
+                        norm=norm, steps=1, step_size=0.0)
+    delta = np.asarray(x_adv, np.float64).reshape(n, 2) - 0.5
+    t = np.array([0.25, 0.5, 0.75])
+    if norm == "l2":  # uniform in the disk: P(r <= t * eps) = t^2
+        r = np.linalg.norm(delta, axis=1) / eps
+        np.testing.assert_allclose([np.mean(r <= s) for s in t], t ** 2, atol=0.03)
+        assert r.max() <= 1 + 1e-6
+    else:  # uniform in the square: each coordinate uniform on [-eps, eps]
+        u = (delta / eps + 1) / 2
+        np.testing.assert_allclose([np.mean(u <= s) for s in t], t, atol=0.03)
+        assert np.abs(delta).max() <= eps + 1e-6

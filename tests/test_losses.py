@@ -171,8 +171,9 @@ def test_weighted_kl_and_mixture_kl_give_the_same_student_gradient():
 
   g1, g2 = jax.jit(jax.grad(weighted))(student), jax.jit(jax.grad(mixture))(student)
   np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
-  assert not np.isclose(jax.jit(weighted)(student), jax.jit(mixture)(student))  # values differ by the constant
-  # And the closed form: d/ds = tau * S * (p - qbar) / 1 per example (tau^2 / tau).
+  # The values differ by the (student-independent) entropy terms.
+  assert not np.isclose(jax.jit(weighted)(student), jax.jit(mixture)(student))
+  # Closed form: d/ds of tau^2 S KL(qbar || softmax(s / tau)) is tau S (p - qbar).
   p = np.exp(log_softmax(student.astype(np.float64) / tau, axis=-1))
   q = np.exp(log_softmax(teachers.astype(np.float64) / tau, axis=-1))
   qbar = np.tensordot(w, q, axes=1) / w.sum()

@@ -86,5 +86,7 @@ def test_noise_rejects_bad_input(clean):
     noise.add_label_noise(clean, mode="asym", rate=0.1, seed=0, num_classes=5)
   with pytest.raises(ValueError, match="needs num_classes"):
     noise.add_label_noise(clean, mode="pair", rate=0.1, seed=0)
+  with pytest.raises(ValueError, match="'flip' is for"):
+    noise.add_label_noise(np.zeros((4, 3), int), mode="symmetric", rate=0.1, seed=0)
   with pytest.raises(ValueError, match="0/1"):
     noise.multilabel_flip_noise(np.array([[0, 2]]), 0.1, seed=0)

@@ -55,7 +55,8 @@ def test_state_features_match_numpy(multilabel):
   emb = rng.normal(size=(b, d)).astype(np.float32)
   t = rng.normal(size=(k, b, c)).astype(np.float32) * 2
   y = _labels(rng, b, c, multilabel)
-  feats = np.asarray(rl_policy.state_features(emb, t, y, tau=tau, multilabel=multilabel))
+  feats = np.asarray(jax.jit(functools.partial(rl_policy.state_features, tau=tau,
+                                                multilabel=multilabel))(emb, t, y))
   assert feats.shape == (k, b, rl_policy.num_state_features(d, c, k)) == (k, b, d + c + 1 + k)
   for i in range(k):
     probs = _np_sigmoid(t[i] / tau) if multilabel else np.exp(_np_log_softmax(t[i] / tau))
@@ -79,9 +80,10 @@ def test_policy_rejects_wrong_feature_length():
 
 def test_actions_depend_only_on_key():
   probs = jnp.asarray(np.random.default_rng(1).uniform(0.05, 0.95, size=(5, 4096)))
-  a1 = rl_policy.sample_actions(jax.random.key(3), probs)
-  a2 = rl_policy.sample_actions(jax.random.key(3), probs)
-  a3 = rl_policy.sample_actions(jax.random.key(4), probs)
+  sample = jax.jit(rl_policy.sample_actions)
+  a1 = sample(jax.random.key(3), probs)
+  a2 = sample(jax.random.key(3), probs)
+  a3 = sample(jax.random.key(4), probs)
   assert a1.dtype == jnp.bool_ and a1.shape == (5, 4096)
   np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
   # Two independent draws disagree on sum_i 2 p_i (1 - p_i) of the pairs (~0.36 here).
@@ -108,7 +110,9 @@ def test_rl_kd_loss_matches_numpy(multilabel):
   y = _labels(rng, b, c, multilabel)
   # example 0: all teachers, 1: teacher 1 only, 2: none (pure CE), 3: teachers 0 and 2.
   actions = np.array([[1, 0, 0, 1], [1, 1, 0, 0], [1, 0, 0, 1]], bool)
-  loss, aux = rl_policy.rl_kd_loss(s, t, y, actions, tau=tau, alpha=alpha, multilabel=multilabel)
+  loss_fn = jax.jit(functools.partial(rl_policy.rl_kd_loss, tau=tau, alpha=alpha,
+                                      multilabel=multilabel))
+  loss, aux = loss_fn(s, t, y, actions)
   kd = np.stack([_np_kd(s, t[i], tau, multilabel) for i in range(k)])  # [K, B]
   ce = _np_ce(s, y, multilabel)
   per_example = np.array([
@@ -130,8 +134,9 @@ def test_rl_kd_loss_all_selected_is_equal_weight_kd():
   rng = np.random.default_rng(3)
   s, t = rng.normal(size=(6, 4)), rng.normal(size=(2, 6, 4))
   y = rng.integers(0, 4, 6).astype(np.int32)
-  loss, _ = rl_policy.rl_kd_loss(s, t, y, np.ones((2, 6), bool), tau=2.0, alpha=0.3,
-                                 multilabel=False)
+  loss_fn = jax.jit(functools.partial(rl_policy.rl_kd_loss, tau=2.0, alpha=0.3,
+                                      multilabel=False))
+  loss, _ = loss_fn(s, t, y, np.ones((2, 6), bool))
   kd = (_np_kd(s, t[0], 2.0, False) + _np_kd(s, t[1], 2.0, False)) / 2
   np.testing.assert_allclose(float(loss), np.mean(0.3 * kd + 0.7 * _np_ce(s, y, False)),
                              rtol=1e-5)
@@ -161,7 +166,8 @@ def test_reinforce_gradient_matches_hand_derivation():
   grad_w = -(r - base) * ((a - pi)[:, None] * s).sum(0)
   grad_b = -(r - base) * (a - pi).sum()
   loss_ref = -(r - base) * np.sum(a * np.log(pi) + (1 - a) * np.log(1 - pi))
-  loss, grads = rl_policy.policy_gradient(params, jnp.asarray(feats), actions, r - base)
+  loss, grads = jax.jit(rl_policy.policy_gradient)(params, jnp.asarray(feats), actions,
+                                                   r - base)
   np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grads["w"]), grad_w, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(float(grads["b"]), grad_b, rtol=1e-5, atol=1e-7)
@@ -170,8 +176,8 @@ def test_reinforce_gradient_matches_hand_derivation():
   tx = optax.sgd(0.5)
   state = rl_policy.PolicyState(params=params, opt_state=tx.init(params),
                                 baseline=jnp.float32(base), step=jnp.int32(7))
-  new, metrics = rl_policy.policy_step(state, jnp.asarray(feats), actions, jnp.float32(r), tx,
-                                       baseline_decay=0.8)
+  step = jax.jit(functools.partial(rl_policy.policy_step, tx=tx, baseline_decay=0.8))
+  new, metrics = step(state, jnp.asarray(feats), actions, jnp.float32(r))
   np.testing.assert_allclose(np.asarray(new.params["w"]), w - 0.5 * grad_w, rtol=1e-5)
   np.testing.assert_allclose(float(new.params["b"]), b0 - 0.5 * grad_b, rtol=1e-5)
   np.testing.assert_allclose(float(new.baseline), 0.8 * base + 0.2 * r, rtol=1e-6)
@@ -189,7 +195,8 @@ def test_first_policy_step_centres_on_its_own_reward():
   tx = optax.sgd(1.0)
   state = rl_policy.init_policy_state(jax.random.key(0), 3, tx)
   feats = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 3)), jnp.float32)
-  new, _ = rl_policy.policy_step(state, feats, jnp.ones((2, 4), bool), jnp.float32(-2.5), tx)
+  step = jax.jit(functools.partial(rl_policy.policy_step, tx=tx))
+  new, _ = step(state, feats, jnp.ones((2, 4), bool), jnp.float32(-2.5))
   np.testing.assert_allclose(np.asarray(new.params["w"]), np.asarray(state.params["w"]))
   assert float(new.baseline) == pytest.approx(-2.5)
 
@@ -238,5 +245,16 @@ def test_policy_learns_to_prefer_the_right_teacher():
   before, after = mean_probs(state0.params), mean_probs(state.params)
   assert abs(before[0] - 0.5) < 0.1 and abs(before[1] - 0.5) < 0.1, before
   assert after[0] > 0.9, after
-  assert after[1] < before[1] - 0.1, (before, after)
+  assert after[1] < 0.3, (before, after)
   assert int(state.step) == steps
+
+
+def test_bad_options_are_named():
+  with pytest.raises(ValueError, match="alpha"):
+    rl_policy.rl_kd_loss(np.zeros((2, 3)), np.zeros((1, 2, 3)), np.zeros(2, np.int32),
+                         np.ones((1, 2), bool), tau=1.0, alpha=1.5, multilabel=False)
+  tx = optax.sgd(1.0)
+  with pytest.raises(ValueError, match="baseline_decay"):
+    rl_policy.policy_step(rl_policy.init_policy_state(jax.random.key(0), 3, tx),
+                          jnp.zeros((1, 2, 3)), jnp.ones((1, 2), bool), 0.0, tx,
+                          baseline_decay=1.0)

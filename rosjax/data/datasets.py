@@ -3,15 +3,14 @@
 `prepare` builds the TFDS dataset once (idempotent: a prepared dataset is only opened) and
 returns a random-access source of the decoded examples plus, as NumPy arrays for all N
 examples, the labels, the grouping key of the splits and the per-example metadata. Those
-arrays are read once with the images left encoded and cached next to the TFDS files
-(`rosjax_columns.npz`), so opening NIH's 112k examples again takes milliseconds.
+arrays come from `builder.columns()`: read once with the images left encoded and cached
+next to the TFDS files, so opening NIH's 112k examples again takes milliseconds.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import pathlib
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,8 +22,6 @@ from rosjax.data.builder_utils import DataError
 _BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14}
 DATASETS = tuple(_BUILDERS)
 _SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
-_COLUMNS_FILE = "rosjax_columns.npz"
-_READ_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +85,7 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
             manual_dir=None if manual_dir is None else os.fspath(manual_dir),
             try_download_gcs=False))
     source = builder.as_data_source(split="train")
-    columns = _columns(builder)
+    columns = builder.columns()
     if name == "isic2019":
         return PreparedDataset(
             source=source, labels=columns["label"].astype(np.int32),
@@ -133,34 +130,3 @@ def _select_labels(name: str, labels: str | Sequence[str] | None) -> tuple[str, 
         raise ValueError(f"labels {list(labels)}: unknown {unknown} or repeated; choose from "
                          f"{nih_chestxray14.LABEL_NAMES}.")
     return tuple(labels)
-
-
-def _columns(builder) -> dict[str, np.ndarray]:
-    """Every non-image feature as an array [N, ...] (str for text), cached in the data dir."""
-    path = pathlib.Path(os.fspath(builder.data_path)) / _COLUMNS_FILE
-    n = builder.info.splits["train"].num_examples
-    if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            columns = dict(f)
-        if all(len(v) == n for v in columns.values()):
-            return columns
-    # Read the records once with the images left encoded (no JPEG decoding).
-    raw = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
-    rows: list[dict[str, Any]] = []
-    for start in range(0, n, _READ_CHUNK):
-        rows.extend(raw.__getitems__(list(range(start, min(start + _READ_CHUNK, n)))))
-    keys = [k for k in builder.info.features.keys() if k != "image"]
-    columns = {}
-    for k in keys:
-        values = [r[k] for r in rows]
-        if isinstance(values[0], bytes):
-            columns[k] = np.array([v.decode("utf-8") for v in values], dtype=str)
-        else:
-            columns[k] = np.stack([np.asarray(v) for v in values])
-    try:  # atomic write; a read-only data dir just skips the cache
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            np.savez(f, **columns)
-        os.replace(f.name, path)
-    except OSError:
-        pass
-    return columns

@@ -108,6 +108,9 @@ def add_label_noise(labels: np.ndarray, *, mode: str, rate: float, seed: int,
       `labels` still counts as a flip target).
   """
   labels = np.asarray(labels)
+  if mode in MODES and (mode == "flip") != (labels.ndim == 2):
+    raise ValueError(f"noise mode {mode!r} does not fit labels of shape {labels.shape}: "
+                     "'flip' is for [N, C] multi-hot labels, 'symmetric' and 'pair' for [N] ids")
   if mode == "flip":
     noisy = multilabel_flip_noise(labels, rate, seed)
   elif mode in ("symmetric", "pair"):

@@ -156,32 +156,84 @@ def _random_crop_box(height: int, width: int, config: AugmentConfig,
   return left, top, left + w, top + h
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentView:
+  """One drawn training augmentation, without the pixels: what `apply_view` replays.
+
+  Cached teacher outputs (`rosjax.distill.cache`) store these records so that a later epoch
+  rebuilds exactly the image the teachers saw.
+
+  Attributes:
+    box: crop (left, top, right, bottom) in source pixels, resized to the output side.
+    horizontal_flip, vertical_flip: mirror left-right / top-bottom.
+    angle: rotation in degrees, or None for no rotation.
+    brightness, contrast, saturation: colour-jitter factors, or None where not applied.
+  """
+  box: tuple[int, int, int, int]
+  horizontal_flip: bool = False
+  vertical_flip: bool = False
+  angle: float | None = None
+  brightness: float | None = None
+  contrast: float | None = None
+  saturation: float | None = None
+
+
+def draw_view(height: int, width: int, channels: int, config: AugmentConfig,
+              rng: np.random.Generator) -> AugmentView:
+  """Draws one AugmentView for an image of [height, width, channels] from `rng`.
+
+  The draws come in the order `augment_image` has always made them (box, flips, angle,
+  brightness, contrast, saturation; saturation only for 3 channels).
+  """
+  box = _random_crop_box(height, width, config, rng)
+  horizontal = bool(config.horizontal_flip and rng.random() < 0.5)
+  vertical = bool(config.vertical_flip and rng.random() < 0.5)
+  angle = (float(rng.uniform(-config.rotation_degrees, config.rotation_degrees))
+           if config.rotation_degrees else None)
+  brightness = float(_jitter_factor(config.brightness, rng)) if config.brightness else None
+  contrast = float(_jitter_factor(config.contrast, rng)) if config.contrast else None
+  saturation = (float(_jitter_factor(config.saturation, rng))
+                if config.saturation and channels == 3 else None)
+  return AugmentView(box=box, horizontal_flip=horizontal, vertical_flip=vertical, angle=angle,
+                     brightness=brightness, contrast=contrast, saturation=saturation)
+
+
+def apply_view(image: np.ndarray, view: AugmentView, image_size: int) -> np.ndarray:
+  """Renders `view` of `image`: crop-resize, flips, rotation, colour jitter (in that order).
+
+  image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
+  """
+  height, width, channels = image.shape
+  left, top, right, bottom = view.box
+  if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+    raise ValueError(f"AugmentView box {view.box} does not fit an image of {height}x{width} "
+                     "(the view was drawn for another image)")
+  pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=view.box)
+  if view.horizontal_flip:
+    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if view.vertical_flip:
+    pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+  if view.angle is not None:
+    pil = pil.rotate(view.angle, resample=Image.BILINEAR)
+  x = _to_float(pil, channels)  # [S, S, C]
+  if view.brightness is not None:
+    x = np.clip(x * np.float32(view.brightness), 0.0, 1.0)
+  if view.contrast is not None:
+    mean_grey = _grey(x).mean()
+    x = np.clip(mean_grey + (x - mean_grey) * np.float32(view.contrast), 0.0, 1.0)
+  if view.saturation is not None and channels == 3:
+    grey = _grey(x)[:, :, None]  # [S, S, 1]
+    x = np.clip(grey + (x - grey) * np.float32(view.saturation), 0.0, 1.0)
+  return x.astype(np.float32, copy=False)
+
+
 def augment_image(image: np.ndarray, image_size: int, config: AugmentConfig,
                   rng: np.random.Generator) -> np.ndarray:
   """Training view: random resized crop, flips, rotation, colour jitter (see AugmentConfig).
 
   image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
   """
-  channels = image.shape[2]
-  box = _random_crop_box(image.shape[0], image.shape[1], config, rng)
-  pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=box)
-  if config.horizontal_flip and rng.random() < 0.5:
-    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if config.vertical_flip and rng.random() < 0.5:
-    pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-  if config.rotation_degrees:
-    angle = rng.uniform(-config.rotation_degrees, config.rotation_degrees)
-    pil = pil.rotate(angle, resample=Image.BILINEAR)
-  x = _to_float(pil, channels)  # [S, S, C]
-  if config.brightness:
-    x = np.clip(x * _jitter_factor(config.brightness, rng), 0.0, 1.0)
-  if config.contrast:
-    mean_grey = _grey(x).mean()
-    x = np.clip(mean_grey + (x - mean_grey) * _jitter_factor(config.contrast, rng), 0.0, 1.0)
-  if config.saturation and channels == 3:
-    grey = _grey(x)[:, :, None]  # [S, S, 1]
-    x = np.clip(grey + (x - grey) * _jitter_factor(config.saturation, rng), 0.0, 1.0)
-  return x.astype(np.float32, copy=False)
+  return apply_view(image, draw_view(*image.shape, config, rng), image_size)
 
 
 def _jitter_factor(strength: float, rng: np.random.Generator) -> np.float32:

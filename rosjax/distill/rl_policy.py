@@ -149,6 +149,8 @@ def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, m
   s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
   t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
   actions = jnp.asarray(actions, bool)  # [K, B]
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"rl_kd_loss: alpha must be in [0, 1], got {alpha}")
   if t.ndim != 3 or t.shape[1:] != s.shape or actions.shape != t.shape[:2]:
     raise ValueError(f"rl_kd_loss: need student [B, C], teacher [K, B, C] and actions [K, B], "
                      f"got {s.shape}, {t.shape} and {actions.shape}")
@@ -248,7 +250,7 @@ def policy_step(policy_state: PolicyState, features, actions, rewards,
     (new PolicyState, metrics) with scalar metrics 'policy_loss', 'reward', 'baseline',
     'advantage', 'select_prob' and 'select_prob/t{k}' (mean pi per teacher k).
   """
-  if not 0.0 <= baseline_decay < 1.0:
+  if isinstance(baseline_decay, (int, float)) and not 0.0 <= baseline_decay < 1.0:
     raise ValueError(f"policy_step: baseline_decay must be in [0, 1), got {baseline_decay}")
   rewards = jnp.asarray(rewards, jnp.float32)
   mean_reward = jnp.mean(rewards)

@@ -35,8 +35,8 @@ def should_average(epoch, warmup_epochs):
 def update_running_mean(avg_params, params, n):
   """One step of the equal-weight running mean: returns ((n avg + params)/(n+1), n+1).
 
-  `avg_params` may hold anything of the right structure when n == 0 (it is then replaced by a
-  copy of `params`: step size 1).
+  When n == 0 the step size is 1 and the result is `params` itself, whatever finite values
+  `avg_params` holds (it only needs the right structure).
   """
   avg = optax.incremental_update(params, avg_params, step_size=1.0 / (n + 1))
   return avg, n + 1

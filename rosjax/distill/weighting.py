@@ -17,6 +17,8 @@ into the run's key, so a resumed run draws the same weights at the same step.
 """
 from __future__ import annotations
 
+from numbers import Integral
+
 import jax
 import jax.numpy as jnp
 
@@ -29,19 +31,17 @@ def step_key(run_key, step):
 
 
 def _check_common(num_teachers, per_example, batch_size, normalize):
-  if not isinstance(num_teachers, int) or num_teachers < 1:
+  if not isinstance(num_teachers, Integral) or num_teachers < 1:
     raise ValueError(f"weighting: num_teachers must be a positive int, got {num_teachers!r}")
   if normalize not in NORMALIZATIONS:
     raise ValueError(f"weighting: unknown normalize={normalize!r}; options are {NORMALIZATIONS}")
-  if per_example and (not isinstance(batch_size, int) or batch_size < 1):
+  if per_example and (not isinstance(batch_size, Integral) or batch_size < 1):
     raise ValueError("weighting: per_example=True needs batch_size (a positive int), got "
                      f"batch_size={batch_size!r}")
-  if not per_example and batch_size is not None:
-    raise ValueError(f"weighting: batch_size={batch_size} is only used with per_example=True")
 
 
 def _shape(num_teachers, per_example, batch_size):
-  return (num_teachers, batch_size) if per_example else (num_teachers,)
+  return (int(num_teachers), int(batch_size)) if per_example else (int(num_teachers),)
 
 
 def _normalize(w, normalize):
@@ -61,7 +61,7 @@ def sample_teacher_weights(key, num_teachers, *, per_example=False, batch_size=N
     key: a jax.random key (use `step_key(run_key, step)`).
     num_teachers: K.
     per_example: one draw per example ([K, B]) instead of one per step ([K]).
-    batch_size: B, required with per_example=True.
+    batch_size: B, required with per_example=True (ignored otherwise).
     normalize: None (paper), 'sum1' (Dirichlet(1,...,1)) or 'sumk' (sum to K) over teachers.
   Returns:
     float32 [K] or [K, B].

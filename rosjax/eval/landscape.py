@@ -38,24 +38,38 @@ LOSS_CLAMP = 8.0                             # Figure 4: "loss value clamped at 
 _NORM_GUARD = 1e-10                          # As in net_plotter.normalize_direction.
 
 
-def _filter_normalised(key, weight, ignore_bn_and_bias):
-    """One tensor's direction: Gaussian, each output filter (last axis) scaled to the weight's."""
-    weight = jnp.asarray(weight)
-    if weight.ndim <= 1:
-        return jnp.zeros_like(weight) if ignore_bn_and_bias else weight
+def _rescale_filters(noise, weight):
+    """Scale each output filter (last axis) of `noise` to the Frobenius norm of the weight's."""
     axes = tuple(range(weight.ndim - 1))
-    d = jax.random.normal(key, weight.shape, jnp.float32)  # same shape as the kernel
     w_norm = jnp.sqrt(jnp.sum(jnp.square(weight.astype(jnp.float32)), axes, keepdims=True))
-    d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axes, keepdims=True))  # [1, ..., 1, out]
-    return (d * (w_norm / (d_norm + _NORM_GUARD))).astype(weight.dtype)
+    d_norm = jnp.sqrt(jnp.sum(jnp.square(noise), axes, keepdims=True))  # [1, ..., 1, out]
+    return (noise * (w_norm / (d_norm + _NORM_GUARD))).astype(weight.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_bn_and_bias",))
+def _direction(key, params, ignore_bn_and_bias):
+    """The jitted body of `random_direction` (one compile per parameter structure)."""
+    leaves, treedef = jax.tree.flatten(params)
+    sizes = [w.size if w.ndim > 1 else 0 for w in leaves]
+    # One flat draw for all kernels, sliced in tree order: a single generator instance compiles
+    # far faster on XLA:CPU than one per (4-D) kernel shape.
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)  # [total kernel entries]
+    starts = np.cumsum([0] + sizes)
+    out = []
+    for w, start, size in zip(leaves, starts, sizes):
+        if w.ndim <= 1:
+            out.append(jnp.zeros_like(w) if ignore_bn_and_bias else w)
+        else:
+            out.append(_rescale_filters(noise[start:start + size].reshape(w.shape), w))
+    return jax.tree.unflatten(treedef, out)
 
 
 def random_direction(key, params, *, ignore_bn_and_bias: bool = True):
     """A filter-normalised random direction with the structure of `params`.
 
     Args:
-      key: jax.random key (one Gaussian draw per leaf, split in tree order, so two models of
-        the same architecture get the same raw draws from the same key).
+      key: jax.random key.  One flat Gaussian draw covers all kernels in tree order, so two
+        models of the same architecture get the same raw draws from the same key.
       params: the model's trainable parameters, i.e. `variables['params']` (not batch_stats).
       ignore_bn_and_bias: zero the direction of 1-D tensors (biases, BatchNorm scale/bias);
         False copies those tensors into the direction instead, as Li et al.'s code does.
@@ -66,10 +80,7 @@ def random_direction(key, params, *, ignore_bn_and_bias: bool = True):
         raise ValueError("random_direction: pass variables['params'], not the whole variables "
                          f"dict (top-level keys: {sorted(params)}); BatchNorm statistics must "
                          "stay fixed")
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [_filter_normalised(k, w, ignore_bn_and_bias) for k, w in zip(keys, leaves)])
+    return _direction(key, params, ignore_bn_and_bias)
 
 
 def dataset_loss_fn(apply_fn: Callable, *, multilabel: bool, chunk_size: int | None = None):
@@ -85,6 +96,9 @@ def dataset_loss_fn(apply_fn: Callable, *, multilabel: bool, chunk_size: int | N
       chunk_size: evaluate the images in chunks of this many (bounds activation memory);
         None -> all at once.  Must divide the number of images.
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"dataset_loss_fn: chunk_size must be >= 1 or None, got {chunk_size!r}")
+
     def loss_fn(params, batch_stats, images, labels):
         variables = {"params": params}
         if batch_stats is not None:
@@ -100,8 +114,9 @@ def dataset_loss_fn(apply_fn: Callable, *, multilabel: bool, chunk_size: int | N
         if n % chunk_size:
             raise ValueError(f"dataset_loss_fn: chunk_size={chunk_size} must divide the number "
                              f"of images ({n})")
-        split = lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:])
-        return jnp.mean(jax.lax.map(chunk_losses, (split(images), split(labels))))  # [N/c, c]
+        chunks = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]),
+                              (images, labels))
+        return jnp.mean(jax.lax.map(chunk_losses, chunks))  # mean of [N/c, c] losses
 
     return loss_fn
 
@@ -166,8 +181,9 @@ def loss_surface(loss_fn: Callable, params, dir1, dir2, *, coords=DEFAULT_COORDS
 
 
 def flatness(surface, coords, radius: float) -> float:
-    """Mean loss rise within `radius` of the minimum: mean of f(a, b) - f(0, 0) over the grid
-    points with a^2 + b^2 <= radius^2 (points on the circle included).
+    """Mean loss rise near the trained parameters: mean of f(a, b) - f(0, 0) over the grid
+    points with a^2 + b^2 <= radius^2 (points on the circle included), on the raw (unclamped)
+    surface.
 
     Smaller means a flatter basin.  The distances are in units of the filter-normalised
     directions, so values compare models of the same architecture on the same images.
@@ -245,7 +261,8 @@ def compare_landscapes(models: Mapping[str, tuple], key, path_prefix, *, coords=
     Every model gets directions from the same two keys (the same raw Gaussian draws when the
     architectures match), filter-normalised to its own weights.  Writes each model's contour
     and 3-D plots (`<path_prefix>_<name>_*.png`) and `<path_prefix>_compare.png`, the contours
-    side by side with shared levels.
+    side by side with shared levels; in file names every run of characters other than
+    letters and digits in <name> becomes "_" ("baseline_iii" stays, "RoS-KD" -> "RoS_KD").
 
     Args:
       models: name -> (loss_fn, params, args) as taken by `loss_surface`.

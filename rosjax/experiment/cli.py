@@ -16,6 +16,7 @@ Every stage skips work whose output is complete, so rerunning a command resumes 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -83,15 +84,31 @@ def parse_args(argv: list[str], get_config: Callable[..., config_lib.ExperimentC
     return cfg, workdir, stages, settings, args.teacher
 
 
+def enable_compilation_cache() -> None:
+    """Keeps compiled XLA programs on disk, so a rerun or a resumed run skips recompiling.
+
+    Location: $ROSJAX_COMPILATION_CACHE, default ~/.cache/rosjax/xla (set it to an empty
+    string to turn the cache off).
+    """
+    import jax  # noqa: PLC0415
+
+    location = os.environ.get("ROSJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/rosjax/xla"))
+    if location:
+        jax.config.update("jax_compilation_cache_dir", location)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str] | None = None) -> int:
     """Entry point of an experiment module; returns the process exit status."""
-    from rosjax.data.datasets import DatasetUnavailableError  # noqa: PLC0415 (keeps --help fast)
+    from rosjax.data import DataError  # noqa: PLC0415 (keeps --help fast)
     from rosjax.experiment import runner  # noqa: PLC0415
+    from rosjax.experiment.workdir import WorkdirConflictError  # noqa: PLC0415
 
     cfg, workdir, stages, settings, teacher = parse_args(sys.argv[1:] if argv is None else argv, get_config)
+    enable_compilation_cache()
     try:
         runner.run(cfg, workdir, stages=stages, settings=settings, teacher=teacher)
-    except DatasetUnavailableError as err:
+    except (DataError, WorkdirConflictError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

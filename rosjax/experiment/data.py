@@ -7,6 +7,7 @@ trained on; `summary()` records them for the report.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,9 @@ def load(cfg: ExperimentConfig, *, split_seed: int | None = None, overlap: float
     `split_seed` and `overlap` override the config's values (the fold and overlap sweeps).
     """
     d = cfg.data
-    ds = datasets.prepare(d.dataset, data_dir=d.data_dir, manual_dir=d.manual_dir, image_size=d.stored_size,
-                          download=d.download, labels=d.labels or None)
+    ds = datasets.prepare(d.dataset, data_dir=os.path.expanduser(d.data_dir),
+                          manual_dir=d.manual_dir and os.path.expanduser(d.manual_dir),
+                          image_size=d.stored_size, labels=d.labels or None)
     seed = d.split_seed if split_seed is None else split_seed
     if d.split == "grouped":
         split = splits.grouped_split(ds.groups, ds.labels, fractions=d.fractions, seed=seed)

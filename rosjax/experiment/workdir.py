@@ -71,12 +71,17 @@ def done(folder: pathlib.Path) -> dict[str, Any] | None:
     return read_json(marker) if marker.exists() else None
 
 
+class WorkdirConflictError(ValueError):
+    """The work directory belongs to a run with another configuration."""
+
+
 def check_config(wd: Workdir, config: dict[str, Any]) -> None:
     """Records `config` in `wd/config.json`, or refuses a different one already recorded there.
 
     A resumed run must use the configuration it started with; mixing two in one work
     directory would silently combine incompatible checkpoints and results.
     """
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they are stored
     path = wd.path("config.json")
     if not path.exists():
         write_json(path, config)
@@ -84,7 +89,7 @@ def check_config(wd: Workdir, config: dict[str, Any]) -> None:
     previous = read_json(path)
     if previous != config:
         changed = ", ".join(sorted(_diff(previous, config)))
-        raise ValueError(f"{wd.root} holds a run of another configuration (changed: {changed}); "
+        raise WorkdirConflictError(f"{wd.root} holds a run of another configuration (changed: {changed}); "
                          "use a new --workdir or the original options")
 
 

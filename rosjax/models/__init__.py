@@ -32,7 +32,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet34": functools.partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3)),
     "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
     "mobilenet_v2": MobileNetV2,
-    "densenet121": DenseNet,
+    "densenet121": functools.partial(DenseNet, growth_rate=32, block_config=(6, 12, 24, 16),
+                                     num_init_features=64, bn_size=4),
     "tiny_cnn": TinyCNN,
 }
 

@@ -1,7 +1,9 @@
-"""DenseNet-121, layer for layer torchvision's `torchvision.models.densenet121`.
+"""DenseNet, layer for layer torchvision's `torchvision.models.densenet`.
 
-Growth rate 32, bottleneck width 4 x 32, blocks of (6, 12, 24, 16) layers, transitions that
-halve the channels and average-pool 2x2, a final BatchNorm + ReLU, global pool, `classifier`.
+`DenseNet` takes torchvision's configuration arguments; its defaults are DenseNet-121: growth
+rate 32, bottleneck width 4 x 32, 64 stem channels, blocks of (6, 12, 24, 16) layers,
+transitions that halve the channels and average-pool 2x2, a final BatchNorm + ReLU, global
+pool, `classifier`.
 The initialisation is torchvision's: convolutions `kaiming_normal_` with its default fan_in
 mode (DenseNet differs from ResNet here), BatchNorm 1/0, classifier weight with torch's
 default Linear init and zero bias. Dropout inside dense layers is torchvision's default 0.
@@ -17,39 +19,39 @@ import jax.numpy as jnp
 
 from rosjax.models import common
 
-_GROWTH_RATE = 32
-_BOTTLENECK_SIZE = 4
-_BLOCK_CONFIG = (6, 12, 24, 16)
-_STEM_FEATURES = 64
-
 _conv = functools.partial(common.conv, kernel_init=common.KAIMING_NORMAL_FAN_IN)
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-1x1 conv (128) then BN-ReLU-3x3 conv (32): the 32 new channels."""
+    """BN-ReLU-1x1 conv (bn_size x growth_rate) then BN-ReLU-3x3 conv: growth_rate new channels."""
+    growth_rate: int
+    bn_size: int
     dtype: Any
 
     @nn.compact
     def __call__(self, x, train: bool):  # x: [B, H, W, C] (all earlier features)
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         y = nn.relu(bn(name="norm1")(x))
-        y = _conv(_BOTTLENECK_SIZE * _GROWTH_RATE, 1, dtype=self.dtype, name="conv1")(y)
+        y = _conv(self.bn_size * self.growth_rate, 1, dtype=self.dtype, name="conv1")(y)
         y = nn.relu(bn(name="norm2")(y))
-        y = _conv(_GROWTH_RATE, 3, padding=1, dtype=self.dtype, name="conv2")(y)
-        return y  # [B, H, W, 32]
+        y = _conv(self.growth_rate, 3, padding=1, dtype=self.dtype, name="conv2")(y)
+        return y  # [B, H, W, growth_rate]
 
 
 class DenseBlock(nn.Module):
     """`num_layers` dense layers, each fed the concatenation [input, new_1, ..., new_i-1]."""
     num_layers: int
+    growth_rate: int
+    bn_size: int
     dtype: Any
 
     @nn.compact
     def __call__(self, x, train: bool):  # x: [B, H, W, C]
         for index in range(self.num_layers):
-            new = DenseLayer(self.dtype, name=f"denselayer{index + 1}")(x, train)
+            new = DenseLayer(self.growth_rate, self.bn_size, self.dtype,
+                             name=f"denselayer{index + 1}")(x, train)
             x = jnp.concatenate([x, new], axis=-1)  # torchvision's channel order
-        return x  # [B, H, W, C + 32 num_layers]
+        return x  # [B, H, W, C + growth_rate * num_layers]
 
 
 class Transition(nn.Module):
@@ -65,12 +67,19 @@ class Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-    """torchvision DenseNet-121: call `(x [B, H, W, C] in [0, 1], *, train, return_features)`
-    -> logits [B, num_classes] (float32), or (logits, pooled features [B, 1024])."""
+    """torchvision DenseNet (defaults: DenseNet-121).
+
+    Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
+    (float32), or (logits, pooled features [B, D]); D = 1024 for DenseNet-121.
+    """
     num_classes: int
     dtype: Any = jnp.float32
     pixel_mean: Optional[tuple[float, ...]] = None
     pixel_std: Optional[tuple[float, ...]] = None
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    num_init_features: int = 64
+    bn_size: int = 4
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
     torch_stem: ClassVar[str] = "features.conv0"
@@ -80,18 +89,18 @@ class DenseNet(nn.Module):
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = _conv(_STEM_FEATURES, 7, stride=2, padding=3, dtype=self.dtype,
+        x = _conv(self.num_init_features, 7, stride=2, padding=3, dtype=self.dtype,
                   name="features_conv0")(x)
         x = nn.relu(bn(name="features_norm0")(x))
         x = common.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
-        for index, num_layers in enumerate(_BLOCK_CONFIG):
-            x = DenseBlock(num_layers, self.dtype,
+        for index, num_layers in enumerate(self.block_config):
+            x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.dtype,
                            name=f"features_denseblock{index + 1}")(x, train)
-            if index != len(_BLOCK_CONFIG) - 1:
+            if index != len(self.block_config) - 1:
                 x = Transition(x.shape[-1] // 2, self.dtype,
                                name=f"features_transition{index + 1}")(x, train)
-        x = nn.relu(bn(name="features_norm5")(x))  # [B, H/32, W/32, 1024]
-        features = common.global_avg_pool(x)  # [B, 1024]
+        x = nn.relu(bn(name="features_norm5")(x))  # [B, H/32, W/32, D]
+        features = common.global_avg_pool(x)  # [B, D]
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=common.TORCH_LINEAR_KERNEL,
                           bias_init=nn.initializers.zeros, name="classifier")(features)

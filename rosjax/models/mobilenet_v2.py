@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from rosjax.models import common
 
 # torchvision's inverted_residual_setting: expansion t, output channels c, repeats n, stride s.
-_INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 _STEM_FEATURES = 32
 _LAST_FEATURES = 1280
@@ -53,13 +53,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """torchvision MobileNetV2: call `(x [B, H, W, C] in [0, 1], *, train, return_features)`
-    -> logits [B, num_classes] (float32), or (logits, pooled features [B, 1280])."""
+    """torchvision MobileNetV2 (width 1.0); `inverted_residual_setting` as in torchvision.
+
+    Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
+    (float32), or (logits, pooled features [B, 1280]).
+    """
     num_classes: int
     dtype: Any = jnp.float32
     pixel_mean: Optional[tuple[float, ...]] = None
     pixel_std: Optional[tuple[float, ...]] = None
     dropout_rate: float = 0.2
+    inverted_residual_setting: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_SETTING
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
     torch_stem: ClassVar[str] = "features.0.0"
@@ -73,7 +77,7 @@ class MobileNetV2(nn.Module):
         x = conv(_STEM_FEATURES, 3, stride=2, padding=1, name="features_0_0")(x)
         x = nn.relu6(bn(name="features_0_1")(x))  # [B, H/2, W/2, 32]
         index = 1
-        for expand_ratio, out_features, repeats, first_stride in _INVERTED_RESIDUAL_SETTING:
+        for expand_ratio, out_features, repeats, first_stride in self.inverted_residual_setting:
             for repeat in range(repeats):
                 stride = first_stride if repeat == 0 else 1
                 x = InvertedResidual(out_features, stride, expand_ratio, self.dtype,

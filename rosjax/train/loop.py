@@ -105,10 +105,12 @@ class _StepMetrics:
             return 0
         values = jax.device_get([m for _, m in self._pending])
         for (step, _), metrics in zip(self._pending, values):
-            for name, value in metrics.items():
-                if not np.all(np.isfinite(value)):
-                    raise NonFiniteError(f"non-finite {name} = {value} at step {step} "
-                                         "(0-based update index)")
+            bad = sorted((name != "loss", name) for name, value in metrics.items()
+                         if not np.all(np.isfinite(value)))  # 'loss' first
+            if bad:
+                described = ", ".join(f"{name} = {metrics[name]}" for _, name in bad)
+                raise NonFiniteError(f"non-finite {described} at step {step} "
+                                     "(0-based update index)")
             for name, value in metrics.items():
                 self._sums[name] += float(value)
         self._count += len(values)
@@ -214,7 +216,7 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
          evaluate, on_epoch_end, extras, schedule, ckpts, metrics_path):
     """The epoch loop of `fit`, from host step `step` on."""
     total_steps = num_epochs * steps_per_epoch
-    key = jax.device_put(run_key, parallel.replicated(mesh))
+    key = parallel.replicate(run_key, mesh)
     feeder = _DeviceFeeder(train_iter, mesh, cfg.prefetch_batches)
     show = (cfg.progress if cfg.progress is not None else sys.stdout.isatty()) and (
         metrics_path is not None)

@@ -12,6 +12,7 @@ then runs the same code, feeds its own slice of the global batch (`shard_batch` 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -67,6 +68,24 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
     check_batch_size(np.shape(leaves[0])[0] * jax.process_count(), mesh)
     sharding = data_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host values that every process holds identically -> global arrays replicated on the mesh.
+
+    Works with several processes, where `jax.device_put` onto a sharding that spans other
+    hosts' devices is not allowed. Typed PRNG keys (`jax.random.key`) are supported.
+    """
+    sharding = replicated(mesh)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(np.asarray(jax.random.key_data(x)))
+            wrap = functools.partial(jax.random.wrap_key_data, impl=str(jax.random.key_impl(x)))
+            return jax.jit(wrap, out_shardings=sharding)(data)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
 
 
 def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> Callable:

@@ -75,7 +75,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {"loss": loss,
                "accuracy": accuracy(logits, batch["label"], multilabel=multilabel),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return apply_gradients(state, grads, batch_stats), metrics
 
 

@@ -1,0 +1,468 @@
+"""Cached teacher outputs: every teacher runs once per stored view, the student replays them.
+
+After FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition",
+ECCV 2022). Online distillation runs all K frozen teachers on every augmented batch, which
+costs more than the student's own step. Instead, before distillation:
+
+1. `build_teacher_cache` draws E augmentation views per training example (the crop box, flips,
+   rotation and colour-jitter factors: an `AugmentView`, not the pixels), renders each view,
+   runs all K teachers on it in one jitted program and stores views and logits under
+   `directory`. It writes in batches and records its progress after each one, so a killed
+   build resumes where it stopped; a complete cache is reused as it is.
+2. `cached_train_iterator` is the training pipeline of `rosjax.data.pipeline` with the views
+   replayed: in epoch e each example gets its stored view e mod E and the teachers' logits on
+   that view, as `teacher_logits` in the batch.
+3. `cached_distill_step` wraps `make_distill_step`'s step for those batches: no teacher runs,
+   the student's step is all that is left. The teacher weights are still drawn every step.
+
+View e of source row r is drawn from `np.random.default_rng([seed, e, r])`, the generator the
+online pipeline uses for that row in epoch e. A cached run with the cache's seed and
+E >= epochs therefore trains on exactly the images of the online run with that seed.
+
+Layout of `directory` (numpy .npy files, opened as memory maps):
+
+    meta.json      what the cache was built from (checked on resume and on open)
+    progress.json  {"done": examples written (view-major order), "total": E * N}
+    rows.npy       [N] int64 source rows, in the order of the arrays below
+    views.npy      [E, N] VIEW_DTYPE records (see `pack_view`)
+    logits.npy     [E, N, K, C] float32 teacher logits
+
+Host batches carry `teacher_logits` as [B, K, C]: `parallel.shard_batch` splits every leaf on
+its leading axis, which must be the batch axis. `cached_distill_step` turns them into the
+[K, B, C] that `kd_loss` takes inside the jitted step.
+
+Teachers built with a bfloat16 compute dtype give float32 logits (the models' contract); the
+cache stores float32 either way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rosjax.data import pipeline
+from rosjax.distill import steps as distill_steps
+from rosjax.train import parallel
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+META_FILE, PROGRESS_FILE = "meta.json", "progress.json"
+ROWS_FILE, VIEWS_FILE, LOGITS_FILE = "rows.npy", "views.npy", "logits.npy"
+
+# One AugmentView as a fixed-size record; NaN marks a step that is not applied.
+VIEW_DTYPE = np.dtype([("box", "<i4", (4,)),        # left, top, right, bottom (source pixels)
+                       ("flips", "u1", (2,)),       # horizontal, vertical
+                       ("angle", "<f8"),            # rotation in degrees
+                       ("jitter", "<f4", (3,))])    # brightness, contrast, saturation factors
+
+
+def pack_view(view: pipeline.AugmentView) -> np.ndarray:
+    """AugmentView -> a VIEW_DTYPE record (0-d structured array); `unpack_view` inverts it."""
+    record = np.zeros((), VIEW_DTYPE)
+    record["box"] = view.box
+    record["flips"] = (view.horizontal_flip, view.vertical_flip)
+    record["angle"] = np.nan if view.angle is None else view.angle
+    record["jitter"] = [np.nan if f is None else f
+                        for f in (view.brightness, view.contrast, view.saturation)]
+    return record
+
+
+def unpack_view(record: np.ndarray) -> pipeline.AugmentView:
+    """VIEW_DTYPE record -> AugmentView (the jitter factors were float32 draws: exact)."""
+    optional = lambda x: None if np.isnan(x) else float(x)  # noqa: E731
+    brightness, contrast, saturation = (optional(f) for f in record["jitter"])
+    return pipeline.AugmentView(
+        box=tuple(int(v) for v in record["box"]), horizontal_flip=bool(record["flips"][0]),
+        vertical_flip=bool(record["flips"][1]), angle=optional(record["angle"]),
+        brightness=brightness, contrast=contrast, saturation=saturation)
+
+
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+    """Atomic write: a reader (or a resumed build) sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherCache:
+    """A complete cache, opened read-only (`TeacherCache.open(directory)`)."""
+    directory: pathlib.Path
+    meta: dict[str, Any]
+    rows: np.ndarray       # [N] int64 source rows
+    views: np.ndarray      # [E, N] VIEW_DTYPE
+    logits: np.ndarray     # [E, N, K, C] float32
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> TeacherCache:
+        """Opens the cache in `directory`; raises if it is missing or unfinished."""
+        directory = pathlib.Path(directory).expanduser().absolute()
+        if not (directory / META_FILE).exists():
+            raise FileNotFoundError(f"no teacher cache in {directory} (missing {META_FILE}): "
+                                    "build it with build_teacher_cache")
+        progress = _read_json(directory / PROGRESS_FILE)
+        if progress["done"] != progress["total"]:
+            raise RuntimeError(f"teacher cache {directory} is incomplete ({progress['done']} of "
+                               f"{progress['total']} views): rerun build_teacher_cache with the "
+                               "same arguments to finish it")
+        return cls(directory=directory, meta=_read_json(directory / META_FILE),
+                   rows=np.load(directory / ROWS_FILE),
+                   views=np.load(directory / VIEWS_FILE, mmap_mode="r"),
+                   logits=np.load(directory / LOGITS_FILE, mmap_mode="r"))
+
+    @property
+    def num_views(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_teachers(self) -> int:
+        return self.logits.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[3]
+
+    @property
+    def image_size(self) -> int:
+        return self.meta["image_size"]
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """[n] positions of source `rows` in the cache's arrays; raises naming a missing row."""
+        order = np.argsort(self.rows, kind="stable")
+        found = np.searchsorted(self.rows[order], rows)
+        found = np.minimum(found, len(order) - 1)
+        positions = order[found]
+        missing = np.flatnonzero(self.rows[positions] != rows)
+        if missing.size:
+            raise ValueError(f"source row {rows[missing[0]]} is not in the teacher cache "
+                             f"{self.directory} ({len(self.rows)} rows): build the cache over "
+                             "the rows you train on")
+        return positions
+
+    def view(self, position: int, view_index: int) -> pipeline.AugmentView:
+        """The stored AugmentView `view_index` of the example at cache `position`."""
+        return unpack_view(self.views[view_index, position])
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _checksums(variables: Sequence[Any]) -> list[float]:
+    """Per teacher: sum of |x| over every array, a fingerprint that tells teachers apart."""
+    total = jax.jit(lambda tree: sum(jnp.sum(jnp.abs(x.astype(jnp.float32)))
+                                     for x in jax.tree.leaves(tree)))
+    return [float(total(v)) for v in variables]
+
+
+def _check_meta(directory: pathlib.Path, stored: dict, wanted: dict) -> None:
+    """Raises ValueError naming the first build argument that differs from the stored cache."""
+    for name, value in wanted.items():
+        old = stored.get(name)
+        same = (np.allclose(old, value, rtol=1e-4) if name == "teacher_checksums"
+                and old is not None and len(old) == len(value) else old == value)
+        if not same:
+            shown = "different teacher weights" if name == "teacher_checksums" else (
+                f"{name}={value!r}, the cache has {old!r}")
+            raise ValueError(f"{directory} holds a teacher cache built from other inputs "
+                             f"({shown}): use another directory or delete this one")
+
+
+class _BuildBatch(grain.transforms.Map):
+    """Build batch k -> views drawn and rendered for examples [start + k*B, ...) (view-major)."""
+
+    def __init__(self, source, rows, *, augment, seed, image_size, batch_size, start, total):
+        self._source, self._rows, self._augment, self._seed = source, rows, augment, seed
+        self._image_size, self._batch_size = image_size, batch_size
+        self._start, self._total = start, total
+
+    def map(self, k: int) -> dict[str, np.ndarray]:
+        first = self._start + k * self._batch_size
+        flat = np.arange(first, min(first + self._batch_size, self._total))  # [n] flat indices
+        images, records = [], np.zeros(len(flat), VIEW_DTYPE)
+        for i, f in enumerate(flat.tolist()):
+            view_index, position = divmod(f, len(self._rows))
+            row = int(self._rows[position])
+            image = pipeline._checked_image(self._source[row], row)  # noqa: SLF001
+            view = pipeline.draw_view(*image.shape, self._augment,
+                                      np.random.default_rng([self._seed, view_index, row]))
+            images.append(pipeline.apply_view(image, view, self._image_size))
+            records[i] = pack_view(view)
+        padded = np.zeros((self._batch_size,) + images[0].shape, np.float32)  # [B, S, S, C]
+        padded[:len(images)] = images
+        return {"image": padded, "flat": flat, "views": records}
+
+
+@functools.lru_cache(maxsize=4)
+def teacher_forward(apply_fns: tuple[Callable, ...], mesh: jax.sharding.Mesh) -> Callable:
+    """Jitted (variables of K teachers, images [B, S, S, C]) -> logits [B, K, C] float32.
+
+    Memoised, so repeated builds with the same teacher modules compile once per process.
+    """
+    def forward(variables, images):
+        return jnp.swapaxes(distill_steps.teacher_logits(apply_fns, variables, images), 0, 1)
+    return jax.jit(forward, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                   out_shardings=parallel.data_sharding(mesh))
+
+
+def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, *,
+                        image_size: int, augment: pipeline.AugmentConfig, num_views: int,
+                        seed: int, batch_size: int, directory: str | os.PathLike,
+                        mesh: jax.sharding.Mesh | None = None, num_threads: int = 2,
+                        prefetch: int = 2) -> TeacherCache:
+    """Runs every teacher on `num_views` stored views of each example; resumable.
+
+    Args:
+      teachers: (apply_fn, variables) per teacher, frozen (eval mode).
+      source: random-access source, `source[row]['image']` uint8 [H, W, C].
+      rows: [N] source rows to cache (the training split).
+      image_size: side of the rendered views (the student's training size).
+      augment: the augmentation the views are drawn from.
+      num_views: E, views per example; epoch e of training replays view e mod E.
+      seed: view e of row r is drawn from default_rng([seed, e, r]), as the online pipeline
+        draws epoch e of a run with this seed.
+      batch_size: images per teacher forward; a multiple of the mesh's device count.
+      directory: where the cache lives; an unfinished cache there is resumed, a finished one
+        is opened, one built from other inputs is an error.
+      mesh: devices of this process to run the teachers on (default: all local devices).
+      num_threads, prefetch: grain reader threads and batches rendered ahead.
+    Returns the opened TeacherCache. Labels play no part: label-noise variants share a cache.
+    """
+    if not teachers:
+        raise ValueError("build_teacher_cache needs at least one teacher")
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
+        raise ValueError(f"rows must be a non-empty 1-D integer array, got {rows.dtype} "
+                         f"{rows.shape}")
+    if rows.min() < 0 or rows.max() >= len(source):
+        raise ValueError(f"rows reach outside the source (len {len(source)}): "
+                         f"min {rows.min()}, max {rows.max()}")
+    rows = rows.astype(np.int64)
+    mesh = mesh or parallel.make_mesh(jax.local_devices())
+    if batch_size < 1 or batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
+                         f"{mesh.devices.size} devices of the mesh")
+    directory = pathlib.Path(directory).expanduser().absolute()
+    apply_fns = tuple(apply for apply, _ in teachers)
+    variables = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
+    first = pipeline._checked_image(source[int(rows[0])], int(rows[0]))  # noqa: SLF001
+    forward = teacher_forward(apply_fns, mesh)
+    image_shape = (batch_size, image_size, image_size, first.shape[2])
+    out = jax.eval_shape(forward, variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    num_examples, (_, num_teachers, num_classes) = len(rows), out.shape
+    total = num_views * num_examples
+    meta = {"version": CACHE_VERSION, "num_rows": num_examples, "num_views": num_views,
+            "seed": seed, "image_size": image_size, "channels": int(first.shape[2]),
+            "augment": dataclasses.asdict(augment), "num_teachers": num_teachers,
+            "num_classes": num_classes, "teacher_checksums": _checksums(variables)}
+    meta["augment"] = json.loads(json.dumps(meta["augment"]))  # tuples as JSON lists
+
+    if (directory / META_FILE).exists():
+        _check_meta(directory, _read_json(directory / META_FILE), meta)
+        if not np.array_equal(np.load(directory / ROWS_FILE), rows):
+            raise ValueError(f"{directory} holds a teacher cache of other rows: use another "
+                             "directory or delete this one")
+        mode = "r+"
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / ROWS_FILE, rows)
+        mode = "w+"
+    views = np.lib.format.open_memmap(directory / VIEWS_FILE, mode=mode, dtype=VIEW_DTYPE,
+                                      shape=(num_views, num_examples))
+    logits = np.lib.format.open_memmap(directory / LOGITS_FILE, mode=mode, dtype=np.float32,
+                                       shape=(num_views, num_examples, num_teachers, num_classes))
+    if mode == "w+":
+        views.flush()
+        logits.flush()
+        _write_json(directory / PROGRESS_FILE, {"done": 0, "total": total})
+        _write_json(directory / META_FILE, meta)  # last: its presence means the files exist
+    done = _read_json(directory / PROGRESS_FILE)["done"]
+    if done < total:
+        log.info("teacher cache %s: %d of %d views done, building the rest", directory, done,
+                 total)
+        _fill(forward, variables, source, rows, views, logits, directory, augment=augment,
+              seed=seed, image_size=image_size, batch_size=batch_size, start=done, total=total,
+              mesh=mesh, num_threads=num_threads, prefetch=prefetch)
+    del views, logits  # close the writable maps before reopening read-only
+    return TeacherCache.open(directory)
+
+
+def _fill(forward, variables, source, rows, views, logits, directory, *, augment, seed,
+          image_size, batch_size, start, total, mesh, num_threads, prefetch) -> None:
+    """Writes examples [start, total) batch by batch, recording progress after each batch.
+
+    The teachers run on batch k+1 while batch k is written (jax dispatch is asynchronous),
+    and grain threads render the next views meanwhile.
+    """
+    flat_views = views.reshape(-1)                                # [E * N]
+    flat_logits = logits.reshape(-1, *logits.shape[2:])           # [E * N, K, C]
+    num_batches = math.ceil((total - start) / batch_size)
+    batches = grain.MapDataset.range(num_batches).map(_BuildBatch(
+        source, rows, augment=augment, seed=seed, image_size=image_size,
+        batch_size=batch_size, start=start, total=total))
+    batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                        prefetch_buffer_size=prefetch))
+    report_every = max(1, num_batches // 10)
+
+    def write(host, device_logits, k):
+        flat = host["flat"]
+        flat_logits[flat] = np.asarray(device_logits)[:len(flat)]  # [n, K, C]
+        flat_views[flat] = host["views"]
+        views.flush()
+        logits.flush()
+        _write_json(directory / PROGRESS_FILE, {"done": int(flat[-1]) + 1, "total": total})
+        if (k + 1) % report_every == 0:
+            log.info("teacher cache: %d of %d views", int(flat[-1]) + 1, total)
+
+    pending = None
+    for k, host in enumerate(batches):
+        images = jax.device_put(host["image"], parallel.data_sharding(mesh))
+        launched = (host, forward(variables, images), k)
+        if pending is not None:
+            write(*pending)
+        pending = launched
+    if pending is not None:
+        write(*pending)
+
+
+# --------------------------------------------------------------------------- replaying
+
+
+class _CachedBatch(grain.transforms.MapWithIndex):
+    """(global step, [B] positions into rows) -> host batch with replayed views and logits.
+
+    Holds the cache's folder, not its arrays, and maps them on first use, so grain worker
+    processes receive a small pickle and share the page cache.
+    """
+
+    def __init__(self, source, rows, cache_positions, labels, *, directory, teacher_indices,
+                 image_size, steps_per_epoch, num_views, host_slice):
+        self._source, self._rows, self._cache_positions = source, rows, cache_positions
+        self._labels, self._directory = labels, directory
+        self._teacher_indices, self._image_size = teacher_indices, image_size
+        self._steps_per_epoch, self._num_views = steps_per_epoch, num_views
+        self._host_slice = host_slice
+        self._arrays = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def map_with_index(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.load(self._directory / VIEWS_FILE, mmap_mode="r"),
+                            np.load(self._directory / LOGITS_FILE, mmap_mode="r"))
+        views, logits = self._arrays
+        positions = positions[self._host_slice]  # [B_host]
+        view_index = (step // self._steps_per_epoch) % self._num_views
+        rows, at = self._rows[positions], self._cache_positions[positions]
+        images = []
+        for row, p in zip(rows.tolist(), at.tolist()):
+            image = pipeline._checked_image(self._source[row], row)  # noqa: SLF001
+            images.append(pipeline.apply_view(image, unpack_view(views[view_index, p]),
+                                              self._image_size))
+        teacher_logits = logits[view_index][at][:, self._teacher_indices]  # [B_host, K, C]
+        return {"image": np.stack(images), "label": self._labels[positions],
+                "index": rows.astype(np.int32),
+                "teacher_logits": np.ascontiguousarray(teacher_logits, np.float32)}
+
+
+def cached_train_dataset(source, indices, labels, cache: TeacherCache, *, image_size: int,
+                         batch_size: int, seed: int, num_epochs: int | None = None,
+                         teacher_indices: Sequence[int] | None = None,
+                         shard_index: int | None = None, shard_count: int | None = None,
+                         num_workers: int = 0, num_threads: int = 2,
+                         prefetch: int = 2) -> grain.IterDataset:
+    """`pipeline.train_dataset` with stored views replayed and their teacher logits attached.
+
+    Same shuffle, batching, host sharding and resumable grain state as
+    `pipeline.train_dataset(..., seed=seed)`; each batch also has
+    `teacher_logits` float32 [B_host, K, C] (K = len(teacher_indices), default every teacher
+    of the cache). Epoch e replays view e mod E of each example.
+
+    Args:
+      source, indices, labels, image_size, batch_size, seed, num_epochs, shard_index,
+        shard_count, num_workers, num_threads, prefetch: as in `pipeline.train_dataset`.
+      cache: the opened cache; every row of `indices` must be in it, and `image_size` must be
+        the size it was built at.
+      teacher_indices: which of the cache's teachers to hand out (e.g. [4] for baseline II's
+        single teacher).
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if image_size != cache.image_size:
+        raise ValueError(f"image_size={image_size}, but the teacher cache {cache.directory} "
+                         f"was built at {cache.image_size} px: rebuild it at this size")
+    teacher_indices = np.arange(cache.num_teachers) if teacher_indices is None else (
+        np.asarray(teacher_indices, np.int64))
+    if teacher_indices.size == 0 or teacher_indices.min() < 0 or (
+            teacher_indices.max() >= cache.num_teachers):
+        raise ValueError(f"teacher_indices {teacher_indices.tolist()} must pick from the "
+                         f"cache's {cache.num_teachers} teachers")
+    rows, row_labels = pipeline._check_rows(source, indices, labels)  # noqa: SLF001
+    shard_index, shard_count, host_batch = pipeline._shard(  # noqa: SLF001
+        batch_size, shard_index, shard_count)
+    steps_per_epoch = len(rows) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(rows)} examples make no full batch of {batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    # The shuffle of pipeline.train_dataset, so a cached run sees the online run's batches.
+    shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    positions = (grain.MapDataset.range(len(rows))
+                 .shuffle(seed=shuffle_seed)
+                 .slice(slice(0, steps_per_epoch * batch_size))
+                 .repeat(num_epochs)
+                 .batch(batch_size, drop_remainder=True))  # [B] positions into rows
+    host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
+    ds = positions.map_with_index(_CachedBatch(
+        source, rows, cache.positions(rows), row_labels, directory=cache.directory,
+        teacher_indices=teacher_indices, image_size=image_size,
+        steps_per_epoch=steps_per_epoch, num_views=cache.num_views, host_slice=host_slice))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        pipeline._allow_grain_workers()  # noqa: SLF001
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=prefetch))
+    return ds
+
+
+def cached_train_iterator(source, indices, labels, cache: TeacherCache,
+                          **kwargs) -> grain.DatasetIterator:
+    """`iter(cached_train_dataset(...))`: a checkpointable iterator (get_state / set_state)."""
+    return iter(cached_train_dataset(source, indices, labels, cache, **kwargs))
+
+
+def cached_distill_step(distill_step: Callable) -> Callable:
+    """Adapts `make_distill_step(...)`'s step to cached batches; no teacher runs.
+
+    Returns `step(state, batch, run_key) -> (state, metrics)` for
+    `parallel.jit_train_step(step, mesh)` (no frozen teachers to pass). The batch's
+    `teacher_logits` arrive as [B, K, C] (batch axis first, so they shard like the images)
+    and are transposed to the step's [K, B, C] inside the compiled program.
+    """
+    def step(state, batch, run_key):
+        batch = dict(batch, teacher_logits=jnp.swapaxes(batch["teacher_logits"], 0, 1))
+        return distill_step(state, (), batch, run_key)
+    return step

@@ -1,0 +1,305 @@
+"""Training baseline IV: a student distilled under reinforced teacher selection (Yuan et al. 2021).
+
+The schedule follows the sources (shared/notes/kd_methods.md §1):
+
+  stage 1, epochs [0, equal_epochs): every teacher is used for every example with equal
+      weight, i.e. baseline III's recipe (`rl_policy.rl_kd_loss` with all actions True); the
+      agent is not updated.
+  stage 2, the remaining epochs, one episode each: per batch the agent picks a subset of
+      teachers for every example, the student takes one SGD step on the selected teachers'
+      KD terms plus the hard-label loss, and the agent takes one REINFORCE step with the
+      reward = minus the hard-label loss of the *updated* student on the same batch.
+      Log-probabilities and a moving-average reward baseline are used (the baseline is our
+      addition to Yuan et al.; see `rl_policy` for every design choice).
+
+Everything happens in one jitted step, `rl_distill_step(state, teachers, batch, run_key)`:
+the phase is chosen inside it from `state.step` (one compile; a resumed run is exact), and the
+state is an `RLTrainState` holding the student's `TrainState` and the agent's `PolicyState`,
+so `rosjax.train.loop.fit` donates, checkpoints and restores both together: a run stopped in
+the middle of an episode continues that episode with the same policy, optimiser moments and
+reward baseline.
+
+Cost per stage-2 step, against baseline III / RoS-KD (same teachers, same student step):
+  * one extra forward pass of the student in inference mode (the reward), about a third of a
+    student training step's compute; in stage 1 it is skipped (`lax.cond`);
+  * the state features need the pooled features of one teacher, which come out of the same
+    forward pass as its logits (`return_features=True`): no extra teacher pass;
+  * the agent itself (a logistic regression over [K, B, F] features) is negligible.
+Teachers always run online here (the agent's state needs a teacher's features, which cached
+logits do not hold).
+
+`train_rl_student` mirrors `rosjax.distill.trainer.train_student` and exports, under
+`<workdir>/final/`:
+  student/   the student after the last epoch (never picked on validation)
+  policy/    the agent's parameters {'w': [F], 'b': []} after the last epoch
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rosjax import checkpoint
+from rosjax.config import OptimConfig
+from rosjax.distill import rl_policy
+from rosjax.distill.trainer import FINAL_DIR, KDSpec
+from rosjax.train import loop, optim, parallel
+from rosjax.train import steps as train_steps
+from rosjax.train.state import TrainState, create_train_state
+
+log = logging.getLogger(__name__)
+
+# Agent metrics of a stage-2 step; stage 1 reports them as zeros (baseline: its current value).
+_AGENT_METRICS = ("policy_loss", "reward", "baseline", "advantage")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLSpec:
+    """The agent and its schedule (config: --distill.rl_*).
+
+    equal_epochs: epochs of stage 1 (equal weights) before the agent acts.
+    learning_rate: Adam learning rate of the logistic policy.
+    baseline_decay: decay of the moving-average reward baseline, in [0, 1).
+    embedding_teacher: index of the teacher whose pooled pre-logit features are the instance
+      embedding of the agent's state (images have no [CLS] token). Default -1, the last
+      teacher: DenseNet-121 in the paper's teacher order (ResNet-18, ResNet-34, ResNet-50,
+      MobileNetV2, DenseNet-121). It is still distilled from like the others.
+    per_example_reward: one reward per example (our option) instead of one per batch (Yuan).
+    """
+    equal_epochs: int = 10
+    learning_rate: float = 1e-3
+    baseline_decay: float = 0.9
+    embedding_teacher: int = -1
+    per_example_reward: bool = False
+
+    def __post_init__(self):
+        if self.equal_epochs < 0:
+            raise ValueError(f"--distill.rl_equal_epochs must be >= 0, got {self.equal_epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--distill.rl_learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ValueError(f"--distill.rl_baseline_decay must be in [0, 1), got "
+                             f"{self.baseline_decay}")
+
+
+class RLTrainState(flax.struct.PyTreeNode):
+    """The student's TrainState and the agent's PolicyState, donated and checkpointed together.
+
+    It reads like a TrainState where `fit`, the evaluator (`steps.eval_step`) and the export
+    look: `step` is the student's update count, `variables`/`apply_fn` are the student's.
+    """
+    student: TrainState
+    policy: rl_policy.PolicyState
+
+    @property
+    def step(self) -> jax.Array:
+        return self.student.step
+
+    @property
+    def params(self) -> Any:
+        return self.student.params
+
+    @property
+    def batch_stats(self) -> Any:
+        return self.student.batch_stats
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return self.student.variables
+
+    @property
+    def apply_fn(self) -> Callable:
+        return self.student.apply_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStudentResult:
+    variables: dict[str, Any]        # the student after the last epoch
+    policy: rl_policy.PolicyState    # the agent after the last epoch
+    fit: loop.FitResult
+
+
+def teacher_outputs(apply_fns: Sequence[Callable], teachers: Sequence[Any], images: jax.Array,
+                    embedding_teacher: int) -> tuple[jax.Array, jax.Array]:
+    """Frozen teachers in eval mode: logits [K, B, C] and teacher `embedding_teacher`'s
+    pooled features [B, D] (from the same forward pass as its logits)."""
+    logits, embedding = [], None
+    for k, (apply, variables) in enumerate(zip(apply_fns, teachers)):
+        if k == embedding_teacher:
+            z, embedding = apply(variables, images, train=False, return_features=True)
+        else:
+            z = apply(variables, images, train=False)
+        logits.append(z)
+    return (jax.lax.stop_gradient(jnp.stack(logits).astype(jnp.float32)),
+            jax.lax.stop_gradient(embedding.astype(jnp.float32)))
+
+
+def _teacher_index(index: int, num_teachers: int) -> int:
+    if not -num_teachers <= index < num_teachers:
+        raise ValueError(f"rl.embedding_teacher={index} is not a teacher index for "
+                         f"{num_teachers} teachers")
+    return index % num_teachers
+
+
+def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float,
+                         multilabel: bool, equal_steps: int, policy_tx: optax.GradientTransformation,
+                         baseline_decay: float, embedding_teacher: int = -1,
+                         per_example_reward: bool = False) -> Callable:
+    """Builds `rl_distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
+
+    Compile it with `parallel.jit_train_step(step, mesh, frozen=teachers)` (the RLTrainState
+    is donated, the teachers are not).
+
+    Args:
+      teacher_apply_fns: each teacher's `module.apply` (static).
+      tau, alpha: temperature and KD weight (as baseline III).
+      multilabel: task flag.
+      equal_steps: student updates of stage 1 (equal_epochs * steps_per_epoch); from step
+        `equal_steps` on the agent selects teachers and learns.
+      policy_tx: the agent's optimiser (the one its PolicyState was initialised with).
+      baseline_decay: moving-average decay of the reward baseline.
+      embedding_teacher: which teacher's pooled features form the instance embedding.
+      per_example_reward: reward per example instead of per batch.
+    The step's key is `fold_in(run_key, state.step)`, split into a dropout key and an action
+    key (baseline III's split, so stage 1 draws the same dropout masks as baseline III).
+    Metrics: loss, kd, ce, accuracy, grad_norm, selected_frac, none_frac, rl_phase (0/1),
+    select_prob and select_prob/t{k} (the policy's mean selection probability, also reported
+    while stage 1 ignores it), policy_loss, reward, baseline, advantage (0 in stage 1).
+    """
+    num_teachers = len(teacher_apply_fns)
+    if num_teachers < 1:
+        raise ValueError("make_rl_distill_step needs at least one teacher")
+    embedding_teacher = _teacher_index(embedding_teacher, num_teachers)
+
+    def rl_distill_step(state: RLTrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
+                        run_key: jax.Array) -> tuple[RLTrainState, dict[str, jax.Array]]:
+        student, policy = state.student, state.policy
+        dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, student.step))
+        images, labels = batch["image"], batch["label"]
+        t_logits, embedding = teacher_outputs(teacher_apply_fns, teachers, images,
+                                              embedding_teacher)  # [K, B, C], [B, D]
+        feats = rl_policy.state_features(embedding, t_logits, labels, tau=tau,
+                                         multilabel=multilabel)  # [K, B, F]
+        probs = rl_policy.selection_probs(policy.params, feats)  # [K, B]
+        rl_phase = student.step >= equal_steps  # []
+        sampled = rl_policy.sample_actions(action_key, probs)  # [K, B]
+        actions = jnp.logical_or(sampled, jnp.logical_not(rl_phase))  # stage 1: all True
+
+        def loss_fn(params):
+            logits, batch_stats = train_steps.forward_train(student, params, images, dropout_key)
+            loss, aux = rl_policy.rl_kd_loss(logits, t_logits, labels, actions, tau=tau,
+                                             alpha=alpha, multilabel=multilabel)
+            return loss, (logits, batch_stats, aux)
+
+        (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            student.params)
+        new_student = train_steps.apply_gradients(student, grads, batch_stats)
+
+        def agent_update(policy):
+            # The reward needs a second student forward pass, after the update, in eval mode.
+            after = new_student.apply_fn(new_student.variables, images, train=False)  # [B, C]
+            rewards = rl_policy.student_reward(after, labels, multilabel=multilabel,
+                                               per_example=per_example_reward)  # [] or [B]
+            new_policy, m = rl_policy.policy_step(policy, feats, sampled, rewards, policy_tx,
+                                                  baseline_decay=baseline_decay)
+            return new_policy, {k: m[k] for k in _AGENT_METRICS}
+
+        def no_update(policy):
+            zero = jnp.zeros((), jnp.float32)
+            return policy, {"policy_loss": zero, "reward": zero, "baseline": policy.baseline,
+                            "advantage": zero}
+
+        new_policy, agent_metrics = jax.lax.cond(rl_phase, agent_update, no_update, policy)
+        metrics = {"loss": loss, "kd": aux["kd"], "ce": aux["ce"],
+                   "accuracy": train_steps.accuracy(logits, labels, multilabel=multilabel),
+                   "grad_norm": optax.tree.norm(grads),
+                   "selected_frac": aux["selected_frac"], "none_frac": aux["none_frac"],
+                   "rl_phase": rl_phase.astype(jnp.float32), "select_prob": jnp.mean(probs),
+                   **agent_metrics}
+        for k in range(num_teachers):
+            metrics[f"select_prob/t{k}"] = jnp.mean(probs[k])
+        return RLTrainState(student=new_student, policy=new_policy), metrics
+
+    return rl_distill_step
+
+
+def state_feature_dim(embedding_apply: Callable, embedding_variables: Any,
+                      image_shape: tuple[int, int, int], num_teachers: int) -> int:
+    """F of the agent's state, from the embedding teacher's output shapes (no computation)."""
+    logits, features = jax.eval_shape(
+        lambda v: embedding_apply(v, jnp.zeros((1, *image_shape), jnp.float32), train=False,
+                                  return_features=True), embedding_variables)
+    return rl_policy.num_state_features(features.shape[-1], logits.shape[-1], num_teachers)
+
+
+def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
+                     make_train_iter: Callable[[], Iterator],
+                     evaluate: Callable[[Any, dict], dict] | None,
+                     workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
+                     image_shape: tuple[int, int, int], multilabel: bool,
+                     kd: KDSpec = KDSpec(weighting="equal"), rl: RLSpec = RLSpec(), seed: int = 0,
+                     loop_cfg: loop.LoopConfig = loop.LoopConfig(),
+                     mesh: jax.sharding.Mesh | None = None) -> RLStudentResult:
+    """Trains baseline IV's student and exports it (and the agent) to `<workdir>/final`.
+
+    Args:
+      model: the student module.
+      teachers: (apply_fn, variables) per teacher, frozen; at least one.
+      make_train_iter: returns a fresh endless, checkpointable iterator of training batches.
+      evaluate: `evaluate(state, extras) -> dict` at each epoch end (logged, not used to
+        select); `state` is the RLTrainState, which `evaluate.make_evaluator` takes as is.
+      workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
+      optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
+        `rosjax.distill.trainer.train_student` (same seed: same student initialisation and
+        stage-1 trajectory as baseline III).
+      kd: temperature and KD weight; the weighting must be "equal" (stage 1 is baseline III).
+      rl: the agent and the length of stage 1.
+    """
+    if not teachers:
+        raise ValueError("baseline IV needs at least one teacher")
+    if kd.weighting != "equal" or kd.per_example or kd.normalize is not None:
+        raise ValueError(f"baseline IV's first stage is baseline III's equal weighting: use "
+                         f"KDSpec(weighting='equal') without per_example/normalize, got {kd}")
+    embedding_teacher = _teacher_index(rl.embedding_teacher, len(teachers))
+    if rl.equal_epochs >= optim_cfg.epochs:
+        log.warning("baseline IV: --distill.rl_equal_epochs=%d >= --optim.epochs=%d, the agent "
+                    "never acts and this run is baseline III", rl.equal_epochs, optim_cfg.epochs)
+    mesh = mesh or parallel.make_mesh()
+    parallel.check_batch_size(optim_cfg.batch_size, mesh)
+    tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
+    init_key, run_key = jax.random.split(jax.random.key(seed))
+    student = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+
+    apply_fns = tuple(apply for apply, _ in teachers)
+    frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
+    policy_tx = optax.adam(rl.learning_rate)
+    feature_dim = state_feature_dim(apply_fns[embedding_teacher], frozen[embedding_teacher],
+                                    image_shape, len(teachers))
+    policy = jax.device_put(
+        rl_policy.init_policy_state(jax.random.fold_in(init_key, 1), feature_dim, policy_tx),
+        parallel.replicated(mesh))
+    state = RLTrainState(student=student, policy=policy)
+    step = make_rl_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
+                                equal_steps=rl.equal_epochs * steps_per_epoch, policy_tx=policy_tx,
+                                baseline_decay=rl.baseline_decay,
+                                embedding_teacher=embedding_teacher,
+                                per_example_reward=rl.per_example_reward)
+    result = loop.fit(state, parallel.jit_train_step(step, mesh, frozen=frozen), make_train_iter(),
+                      run_key=run_key, num_epochs=optim_cfg.epochs,
+                      steps_per_epoch=steps_per_epoch, workdir=workdir, mesh=mesh,
+                      cfg=dataclasses.replace(loop_cfg, best_metric=None), evaluate=evaluate,
+                      schedule=schedule)
+
+    final = pathlib.Path(workdir) / FINAL_DIR
+    variables = result.state.variables
+    checkpoint.save_variables(final / "student", variables)
+    checkpoint.save_variables(final / "policy", result.state.policy.params)
+    return RLStudentResult(variables=variables, policy=result.state.policy, fit=result)

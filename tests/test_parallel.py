@@ -1,0 +1,103 @@
+"""Data parallelism: 1 device and 4 devices give the same training; shardings, donation, errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _train_worker as tw
+from rosjax import models
+from rosjax.config import OptimConfig
+from rosjax.distill import losses
+from rosjax.train import optim, parallel, steps
+from rosjax.train.state import create_train_state
+
+
+def _three_steps(mesh, batches):
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.1), steps_per_epoch=10)
+    state = create_train_state(models.create("tiny_cnn", tw.CLASSES), tx, jax.random.key(0),
+                               (1, tw.IMAGE, tw.IMAGE, tw.CHANNELS), mesh)
+    step = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=False), mesh)
+    for batch in batches:
+        global_batch = parallel.shard_batch(batch, mesh)
+        # Each device holds B / num_devices rows of the global batch.
+        rows = {s.data.shape[0] for s in global_batch["image"].addressable_shards}
+        assert rows == {tw.BATCH // mesh.devices.size}
+        state, _ = step(state, global_batch, jax.random.key(1))
+    leaf = state.params["conv1"]["kernel"]
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == mesh.size
+    return jax.device_get((state.params, state.batch_stats))
+
+
+def test_one_device_and_four_devices_train_identically():
+    assert jax.device_count() == 4  # from conftest.py
+    images, labels = tw.dataset_arrays()
+    batches = [{"image": images[i:i + tw.BATCH], "label": labels[i:i + tw.BATCH]}
+               for i in range(0, 3 * tw.BATCH, tw.BATCH)]
+    params_1, stats_1 = _three_steps(parallel.make_mesh(jax.devices()[:1]), batches)
+    params_4, stats_4 = _three_steps(parallel.make_mesh(), batches)
+    # BatchNorm statistics moved away from their init (mean 0, var 1) ...
+    assert np.max(np.abs(stats_1["bn1"]["mean"])) > 1e-3
+    # ... and, like the parameters, cover the global batch on 4 devices exactly as on 1.
+    for tree_1, tree_4 in ((params_1, params_4), (stats_1, stats_4)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                     tree_1, tree_4)
+
+
+def test_mesh_and_shardings():
+    mesh = parallel.make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.devices.shape == (4,)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert parallel.data_sharding(mesh).spec == jax.P("data")
+    assert parallel.replicated(mesh).spec == jax.P()
+
+
+def test_batch_size_not_divisible_by_devices_is_a_clear_error():
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(8, mesh)
+    with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the number of "
+                                         r"devices 4"):
+        parallel.check_batch_size(6, mesh)
+    with pytest.raises(ValueError, match="batch size 6"):
+        parallel.shard_batch({"image": np.zeros((6, 2, 2, 1), np.float32)}, mesh)
+
+
+def test_frozen_argument_is_not_donated_and_the_state_is():
+    """Teachers passed with `frozen=` survive the step; the old state's buffers are reused."""
+    mesh = parallel.make_mesh()
+    tx, _ = optim.make_optimizer(OptimConfig(), steps_per_epoch=1)
+    model = models.create("tiny_cnn", tw.CLASSES)
+    state = create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    teacher = create_train_state(model, tx, jax.random.key(1), (1, 8, 8, 3), mesh).variables
+
+    def distill_like_step(state, teacher, batch, key):
+        def loss_fn(params):
+            logits, stats = steps.forward_train(state, params, batch["image"], key)
+            target = jax.nn.softmax(model.apply(teacher, batch["image"], train=False))
+            return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(logits), -1)), stats
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return steps.apply_gradients(state, grads, stats), {"loss": loss}
+
+    step = parallel.jit_train_step(distill_like_step, mesh, frozen=teacher)
+    batch = parallel.shard_batch({"image": np.full((8, 8, 8, 3), 0.5, np.float32)}, mesh)
+    old_kernel = state.params["conv1"]["kernel"]
+    new_state, metrics = step(state, batch, jax.random.key(2))
+    assert old_kernel.is_deleted()
+    assert not any(x.is_deleted() for x in jax.tree.leaves(teacher))
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    # The frozen teacher is unchanged and still usable.
+    labels = jnp.zeros((8,), jnp.int32)
+    assert np.isfinite(float(losses.supervised_loss(
+        model.apply(teacher, batch["image"], train=False), labels, multilabel=False)))
+
+
+def test_maybe_initialize_distributed(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert parallel.maybe_initialize_distributed() is False
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        parallel.maybe_initialize_distributed()

@@ -1,0 +1,150 @@
+"""Optimiser, schedule, train/eval steps and evaluation passes against numpy references."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rosjax.config import OptimConfig
+from rosjax.train import evaluate, optim, parallel, steps
+from rosjax.train.state import create_train_state
+
+
+def test_lr_schedule_steps_down_at_epochs_25_and_40():
+    spe = 7
+    _, schedule = optim.make_optimizer(OptimConfig(), steps_per_epoch=spe)
+    # Paper: 0.1, divided by 10 from (0-based) epoch 25 and again from epoch 40.
+    expected = {0: 0.1, 25 * spe - 1: 0.1, 25 * spe: 0.01, 40 * spe - 1: 0.01,
+                40 * spe: 0.001, 50 * spe - 1: 0.001}
+    for step, lr in expected.items():
+        assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
+
+
+def _torch_sgd_reference(w, b, a, y, *, lrs, momentum, wd, decay_bias):
+    """numpy float64 PyTorch SGD on L = 0.5 |a w + b - y|^2 (coupled wd, momentum buffer)."""
+    buf_w = buf_b = None
+    for lr in lrs:
+        r = a @ w + b - y                      # [N]
+        g_w = a.T @ r + wd * w                 # [D]
+        g_b = np.sum(r) + (wd * b if decay_bias else 0.0)
+        buf_w = g_w if buf_w is None else momentum * buf_w + g_w
+        buf_b = g_b if buf_b is None else momentum * buf_b + g_b
+        w, b = w - lr * buf_w, b - lr * buf_b
+    return w, b
+
+
+@pytest.mark.parametrize("decay_all_params", [True, False])
+def test_optimizer_matches_pytorch_sgd_on_a_quadratic(decay_all_params):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 3))
+    y = rng.normal(size=5)
+    w0, b0 = rng.normal(size=3), 0.7
+    cfg = OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=0.05, milestones=(2,),
+                      decay_factor=0.5)
+    tx, _ = optim.make_optimizer(cfg, steps_per_epoch=2, decay_all_params=decay_all_params)
+    # 'w' is a kernel-like [3, 1] array, 'b' a bias [1]: only 'w' decays when restricted.
+    params = {"w": jnp.asarray(w0[:, None], jnp.float32), "b": jnp.asarray([b0], jnp.float32)}
+    aj, yj = jnp.asarray(a, jnp.float32), jnp.asarray(y, jnp.float32)
+    loss = lambda p: 0.5 * jnp.sum((aj @ p["w"][:, 0] + p["b"][0] - yj) ** 2)  # noqa: E731
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(params, opt_state):
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(6):
+        params, opt_state = update(params, opt_state)
+    lrs = [0.1] * 4 + [0.05] * 2  # epoch 2 (steps 4, 5) is past the milestone
+    w_ref, b_ref = _torch_sgd_reference(w0, b0, a, y, lrs=lrs, momentum=0.9, wd=0.05,
+                                        decay_bias=decay_all_params)
+    np.testing.assert_allclose(params["w"][:, 0], w_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(params["b"][0], b_ref, rtol=1e-5, atol=1e-5)
+
+
+class _Linear(nn.Module):
+    """logits = flatten(x) W + b; no BatchNorm, so batch_stats stay {}."""
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_train_step_is_two_sgd_steps_of_softmax_or_sigmoid_regression(multilabel):
+    rng = np.random.default_rng(1)
+    b_size, classes, lr, mom, wd = 4, 3, 0.2, 0.9, 0.01
+    images = rng.random((b_size, 2, 2, 1), dtype=np.float32)
+    if multilabel:
+        labels = (rng.random((b_size, classes)) < 0.5).astype(np.float32)
+    else:
+        labels = np.array([0, 2, 1, 2], np.int32)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=lr, momentum=mom, weight_decay=wd),
+                                 steps_per_epoch=100)
+    state = create_train_state(_Linear(classes), tx, jax.random.key(0), (1, 2, 2, 1), mesh)
+    w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+    b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+    step = jax.jit(functools.partial(steps.train_step, multilabel=multilabel))
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+
+    x = images.reshape(b_size, -1).astype(np.float64)
+    buf_w = buf_b = None
+    for _ in range(2):
+        logits = x @ w + b
+        if multilabel:
+            p = 1 / (1 + np.exp(-logits))
+            loss = -np.mean(np.sum(labels * np.log(p) + (1 - labels) * np.log(1 - p), -1))
+            delta = (p - labels) / b_size
+            acc = np.mean((logits > 0) == (labels > 0.5))
+        else:
+            p = _softmax(logits)
+            loss = -np.mean(np.log(p[np.arange(b_size), labels]))
+            delta = (p - np.eye(classes)[labels]) / b_size
+            acc = np.mean(np.argmax(logits, -1) == labels)
+        g_w, g_b = x.T @ delta + wd * w, delta.sum(0) + wd * b
+        buf_w = g_w if buf_w is None else mom * buf_w + g_w
+        buf_b = g_b if buf_b is None else mom * buf_b + g_b
+        state, metrics = step(state, batch, jax.random.key(5))
+        assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-5)
+        assert float(metrics["accuracy"]) == pytest.approx(acc)
+        w, b = w - lr * buf_w, b - lr * buf_b
+
+    assert int(state.step) == 2
+    assert state.batch_stats == {}
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.params["Dense_0"]["bias"], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(steps.eval_step)(state, batch),
+                               x @ w + b, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_drops_padded_rows_and_keeps_order():
+    rng = np.random.default_rng(2)
+    mesh = parallel.make_mesh()  # 4 devices: eval batches of 4 rows are split 1 per device
+    tx, _ = optim.make_optimizer(OptimConfig(), steps_per_epoch=1)
+    state = create_train_state(_Linear(3), tx, jax.random.key(1), (1, 2, 2, 1), mesh)
+    images = rng.random((6, 2, 2, 1), dtype=np.float32)
+    labels = np.array([2, 0, 1, 1, 0, 2], np.int32)
+    pad = lambda a: np.concatenate([a, np.zeros((2, *a.shape[1:]), a.dtype)])  # noqa: E731
+    images_p, labels_p = pad(images), pad(labels)
+    mask = np.array([1] * 6 + [0] * 2, np.float32)
+    batches = [{"image": images_p[i:i + 4], "label": labels_p[i:i + 4], "mask": mask[i:i + 4]}
+               for i in (0, 4)]
+    out = evaluate.make_predict(mesh, multilabel=False)(state, batches)
+
+    w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+    b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+    logits = images.reshape(6, -1) @ w + b
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["label"], labels)
+    ce = -np.log(_softmax(logits)[np.arange(6), labels])
+    np.testing.assert_allclose(out["loss"], ce, rtol=1e-5)
