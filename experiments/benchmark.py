@@ -45,7 +45,7 @@ from rosjax.data import pipeline
 from rosjax.distill import cache as cache_lib
 from rosjax.distill.steps import make_distill_step
 from rosjax.train import loop, optim, parallel, steps
-from rosjax.train.state import create_train_state
+from rosjax.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SECTIONS = ("teachers", "distill", "cache", "data")
@@ -86,11 +86,40 @@ def host_batches(args, count: int, *, num_teachers: int = 0) -> list[dict[str, n
     return batches
 
 
-def new_state(arch: str, dtype: str, args, mesh, seed: int = 0):
+def random_variables(model, image_size: int, seed: int) -> dict[str, Any]:
+    """{'params', 'batch_stats'} drawn on the host with numpy, He-normal kernels.
+
+    Throughput does not depend on the values, and `model.init` under jit costs XLA:CPU tens of
+    seconds of compile for its random-number code, which would dwarf a small benchmark.
+    """
+    shape = (1, image_size, image_size, 3)
+    abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                              jax.ShapeDtypeStruct(shape, jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * np.sqrt(2 / fan_in)).astype(leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)  # biases, BatchNorm means
+
+    return jax.tree_util.tree_map_with_path(draw, dict(abstract))
+
+
+def new_state(arch: str, dtype: str, args, mesh, seed: int = 0) -> TrainState:
+    """A replicated TrainState of `arch` with host-drawn variables and a zero optimiser state."""
     model = models.create(arch, args.num_classes, dtype=DTYPES[dtype])
     tx, _ = optim.make_optimizer(OptimConfig(), steps_per_epoch=1000)
-    shape = (1, args.image_size, args.image_size, 3)
-    return model, create_train_state(model, tx, jax.random.key(seed), shape, mesh)
+    variables = random_variables(model, args.image_size, seed)
+    params = variables["params"]
+    opt_state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), jax.eval_shape(tx.init, params))
+    state = TrainState(step=np.zeros((), np.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}), opt_state=opt_state,
+                       apply_fn=model.apply, tx=tx)
+    return jax.device_put(state, parallel.replicated(mesh))
 
 
 def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, float | None]:
@@ -161,7 +190,7 @@ def throughput(images_per_s: float, flops_per_step: float | None, batch: int) ->
 
 def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
     """One architecture's supervised train step: compile, bare loop, fit loop."""
-    _, state = new_state(arch, dtype, args, mesh)
+    state = new_state(arch, dtype, args, mesh)
     jitted = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=False), mesh)
     batches = host_batches(args, 2)
     device = [parallel.shard_batch(b, mesh) for b in batches]
@@ -178,12 +207,10 @@ def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
 def make_teachers(args, dtype: str, mesh) -> list[tuple[Callable, Any]]:
     """(apply_fn, variables) of randomly initialised teachers, replicated on the mesh."""
     teachers = []
-    shape = (1, args.image_size, args.image_size, 3)
     for i, arch in enumerate(args.teachers):
         model = models.create(arch, args.num_classes, dtype=DTYPES[dtype])
-        init = jax.jit(functools.partial(model.init, train=False),
-                       out_shardings=parallel.replicated(mesh))
-        teachers.append((model.apply, init(jax.random.key(100 + i), jnp.zeros(shape))))
+        variables = random_variables(model, args.image_size, seed=100 + i)
+        teachers.append((model.apply, jax.device_put(variables, parallel.replicated(mesh))))
     return teachers
 
 
@@ -199,7 +226,7 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     records = []
 
     # Online: the step `parallel.jit_train_step(step, mesh, frozen=teachers)` compiles.
-    _, state = new_state(args.student, dtype, args, mesh)
+    state = new_state(args.student, dtype, args, mesh)
     device = [parallel.shard_batch(b, mesh) for b in host_batches(args, 2)]
     online = jax.jit(distill_step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
                      donate_argnums=(0,))
@@ -211,7 +238,7 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     del state, device, compiled
 
     # Cached: the student step alone, teacher logits [B, K, C] in the batch.
-    _, state = new_state(args.student, dtype, args, mesh)
+    state = new_state(args.student, dtype, args, mesh)
     device = [parallel.shard_batch(b, mesh)
               for b in host_batches(args, 2, num_teachers=len(teachers))]
     cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh)

@@ -415,7 +415,7 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_float32(resnet18_case):
         assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
 
 
-def test_tiny_cnn_batchnorm_train_and_eval_against_numpy(tmp_path):
+def test_tiny_cnn_batchnorm_train_and_eval_against_numpy():
     """Train mode normalises with batch statistics and moves the running averages by 0.1
     towards them (biased variance, flax's rule); eval mode uses and keeps the running ones."""
     model = models.create("tiny_cnn", 3, pixel_mean=(0.5,), pixel_std=(0.2,))
@@ -609,9 +609,10 @@ def test_head_left_fresh_when_num_classes_differs(resnet18_case, tmp_path, caplo
         loaded = pretrained.load_torchvision_weights("resnet18", fresh, path)
     assert "fc.weight (1000 classes in the file, 7 in the model)" in caplog.text
     for name in ("kernel", "bias"):
-        np.testing.assert_array_equal(leaf(loaded, "params", "fc", name), fresh["params"]["fc"][name])
-    np.testing.assert_array_equal(leaf(loaded, "params", "layer3_1", "conv1", "kernel"),
-                                  resnet18_case["sd"]["layer3.1.conv1.weight"].transpose(2, 3, 1, 0))
+        np.testing.assert_array_equal(leaf(loaded, "params", "fc", name),
+                                      fresh["params"]["fc"][name])
+    want = resnet18_case["sd"]["layer3.1.conv1.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(leaf(loaded, "params", "layer3_1", "conv1", "kernel"), want)
 
 
 def test_gray_model_sums_rgb_stem_kernel(resnet18_case, tmp_path):
@@ -676,3 +677,6 @@ def test_file_and_model_errors(resnet18_case, tmp_path):
         pretrained.load_torchvision_weights("resnet18", variables, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="no 'features.0.0' layer"):
         pretrained.save_torchvision_weights("mobilenet_v2", variables, tmp_path / "w.npz")
+    with pytest.raises(ValueError, match="cache/fc/kernel has no torchvision counterpart"):
+        pretrained.save_torchvision_weights(
+            "tiny_cnn", {"cache": {"fc": {"kernel": np.zeros((2, 2))}}}, tmp_path / "w.npz")

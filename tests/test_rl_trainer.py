@@ -36,6 +36,11 @@ OPTIM = OptimConfig(epochs=3, batch_size=BATCH, learning_rate=STUDENT_LR, moment
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults
 
 
+MODEL = models.create("tiny_cnn", CLASSES)
+# One compiled inference pass for every reference computation (eager op-by-op is slower).
+_apply = jax.jit(MODEL.apply, static_argnames=("train", "return_features"))
+
+
 def _data():
     """images [N, 16, 16, 3] in [0, 1] with the label in channel 0, labels [N] int32."""
     rng = np.random.default_rng(0)
@@ -85,10 +90,10 @@ class _InterruptingIterator:
 def teachers():
     """Two differently initialised tiny CNNs, replicated on the mesh (as the experiment loads
     them), so a donation of the teachers would delete these very arrays."""
-    model = models.create("tiny_cnn", CLASSES)
     x = jnp.zeros((1, IMAGE, IMAGE, CHANNELS))
     replicated = parallel.replicated(parallel.make_mesh())
-    return [(model.apply, jax.device_put(model.init(jax.random.key(10 + k), x, train=False),
+    init = jax.jit(MODEL.init, static_argnames="train")
+    return [(MODEL.apply, jax.device_put(init(jax.random.key(10 + k), x, train=False),
                                          replicated)) for k in range(TEACHERS)]
 
 
@@ -154,7 +159,7 @@ def _np_ce(logits, labels):
 def _np_state(teachers, images, labels):
     """The agent's state [K, B, F]: the last teacher's L2-normalised pooled features,
     softmax(z_k / tau), CE_k against the label, one-hot(k)."""
-    outputs = [apply(v, images, train=False, return_features=True) for apply, v in teachers]
+    outputs = [_apply(v, images, train=False, return_features=True) for _, v in teachers]
     emb = np.asarray(outputs[-1][1], np.float64)
     emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
     rows = []
@@ -165,23 +170,24 @@ def _np_state(teachers, images, labels):
     return np.stack(rows)
 
 
-def _host_batches(n):
+@pytest.fixture(scope="module")
+def host_batches():
+    """The straight run's first five batches: batch s is the one of step s."""
     iterator = _train_iter()
-    return [next(iterator) for _ in range(n)]
+    return [next(iterator) for _ in range(5)]
 
 
-def test_stage_one_step_is_baseline_iii(checkpointed, teachers):
+def test_stage_one_step_is_baseline_iii(checkpointed, teachers, host_batches):
     """Step 1 (stage 1): one SGD step on alpha * tau^2 * mean_k KL(q_k || p) + (1 - alpha) CE,
     written here with jax.nn.log_softmax and differentiated; the agent is left untouched."""
     before, after = checkpointed[1][0], checkpointed[2][0]
-    batch = _host_batches(2)[1]
+    batch = host_batches[1]
     images, labels = batch["image"], batch["label"]
-    t_logp = jnp.stack([jax.nn.log_softmax(apply(v, images, train=False) / TAU)
-                        for apply, v in teachers])  # [K, B, C]
-    model = models.create("tiny_cnn", CLASSES)
+    t_logp = jnp.stack([jax.nn.log_softmax(_apply(v, images, train=False) / TAU)
+                        for _, v in teachers])  # [K, B, C]
 
     def baseline_iii_loss(params):
-        logits, updates = model.apply({"params": params, "batch_stats": before.batch_stats},
+        logits, updates = MODEL.apply({"params": params, "batch_stats": before.batch_stats},
                                       images, train=True, mutable=["batch_stats"])
         s_logp = jax.nn.log_softmax(logits / TAU)  # [B, C]
         kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp[None]), axis=-1)  # [K, B]
@@ -200,20 +206,19 @@ def test_stage_one_step_is_baseline_iii(checkpointed, teachers):
     assert int(after.policy.step) == 0 and int(after.step) == 2
 
 
-def test_stage_two_steps_are_reinforce_with_a_moving_baseline(checkpointed, teachers):
+def test_stage_two_steps_are_reinforce_with_a_moving_baseline(checkpointed, teachers,
+                                                             host_batches):
     """Steps 2-4 (stage 2). Reward r_s = -mean CE of the student *after* step s, in eval mode.
     Step 2, the agent's first: the baseline starts at r_2, so the advantage and the update are
     zero. Steps 3, 4: advantage A = r_s - b_s; the REINFORCE gradient of
     -mean_b sum_k A log pi(a_kb | s_kb) is -mean_b sum_k A (a_kb - pi_kb) s_kb (s_kb -> 1 for
     the bias); Adam in numpy from the checkpointed moments; b_{s+1} = d b_s + (1 - d) r_s.
     The actions are redrawn from the documented key: split(fold_in(run_key, s))[1]."""
-    states = checkpointed
-    batches = _host_batches(5)
-    model = models.create("tiny_cnn", CLASSES)
+    states, batches = checkpointed, host_batches
 
     def reward(step):
         batch = batches[step]
-        after = model.apply(states[step + 1][0].student.variables, batch["image"], train=False)
+        after = _apply(states[step + 1][0].student.variables, batch["image"], train=False)
         return -_np_ce(after, batch["label"]).mean()
 
     first, second = states[2][0].policy, states[3][0].policy

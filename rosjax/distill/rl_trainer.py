@@ -150,8 +150,9 @@ def _teacher_index(index: int, num_teachers: int) -> int:
 
 
 def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float,
-                         multilabel: bool, equal_steps: int, policy_tx: optax.GradientTransformation,
-                         baseline_decay: float, embedding_teacher: int = -1,
+                         multilabel: bool, equal_steps: int,
+                         policy_tx: optax.GradientTransformation, baseline_decay: float,
+                         embedding_teacher: int = -1,
                          per_example_reward: bool = False) -> Callable:
     """Builds `rl_distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
@@ -258,8 +259,9 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         select); `state` is the RLTrainState, which `evaluate.make_evaluator` takes as is.
       workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
       optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
-        `rosjax.distill.trainer.train_student` (same seed: same student initialisation and
-        stage-1 trajectory as baseline III).
+        `rosjax.distill.trainer.train_student` (same seed and data: the same student
+        initialisation, and in stage 1 the same keys, batches and loss as baseline III, so
+        the same trajectory up to float rounding).
       kd: temperature and KD weight; the weighting must be "equal" (stage 1 is baseline III).
       rl: the agent and the length of stage 1.
     """

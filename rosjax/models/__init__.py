@@ -15,6 +15,7 @@ Torchvision-layout weights (ImageNet checkpoints) load with
 `rosjax.models.pretrained.load_torchvision_weights`.
 """
 import functools
+import numbers
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -50,12 +51,12 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(_REGISTRY)}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if pixel_std is not None and any(float(s) <= 0 for s in pixel_std):
         raise ValueError(f"pixel_std must be positive, got {tuple(pixel_std)}.")
     return _REGISTRY[name](
-        num_classes=num_classes, dtype=dtype,
+        num_classes=int(num_classes), dtype=dtype,
         pixel_mean=None if pixel_mean is None else tuple(float(m) for m in pixel_mean),
         pixel_std=None if pixel_std is None else tuple(float(s) for s in pixel_std))
 

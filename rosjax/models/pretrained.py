@@ -53,8 +53,8 @@ _TORCH_FROM_FLAX_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
 _FLAX_FROM_TORCH_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
 # torchvision's DenseNet checkpoints spell `norm1` as `norm.1` (see torchvision's
 # `densenet._load_state_dict`, which applies this same pattern).
-_LEGACY_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                                  r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def load_torchvision_weights(module_name_or_module: Union[str, nn.Module], variables: Any,
@@ -146,8 +146,12 @@ def _stem_and_head(module_name_or_module: Union[str, nn.Module]) -> tuple[str, s
 
 def _torch_names(flax_key: tuple[str, ...]) -> tuple[str, str]:
     """('params', 'layer1_0', 'conv1', 'kernel') -> ('layer1.0.conv1', 'layer1.0.conv1.weight')."""
+    suffix = _TO_TORCH_SUFFIX.get((flax_key[0], flax_key[-1]))
+    if suffix is None:
+        raise ValueError(f"{'/'.join(flax_key)} has no torchvision counterpart; pass the "
+                         "model's {'params', 'batch_stats'} variables only.")
     module_name = ".".join(flax_key[1:-1]).replace("_", ".")
-    return module_name, f"{module_name}.{_TO_TORCH_SUFFIX[flax_key[0], flax_key[-1]]}"
+    return module_name, f"{module_name}.{suffix}"
 
 
 def _to_flax_layout(tensor: np.ndarray) -> np.ndarray:

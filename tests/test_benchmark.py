@@ -1,0 +1,48 @@
+"""experiments.benchmark on its --tiny configuration: every figure is produced."""
+import json
+import math
+
+from experiments import benchmark
+
+# tiny_cnn at 16 px: conv 3x3/2 3->8 (8x8 out) and conv 3x3/2 8->16 (4x4 out), fc 16->8.
+TINY_FORWARD_FLOPS = 2 * (8 * 8 * 8 * 3 * 3 * 3 + 4 * 4 * 16 * 3 * 3 * 8 + 16 * 8)
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_tiny_benchmark_produces_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = benchmark.main(["--tiny", "--dtype", "bfloat16", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    table = capsys.readouterr().out
+
+    device = report["device"]
+    assert device["device_count"] == 4 and device["platform"] == "cpu"  # conftest's devices
+    assert [r["arch"] for r in report["teachers"]] == ["tiny_cnn"]
+    for r in report["teachers"] + report["distill"]:
+        assert "error" not in r, r
+        for name in ("compile_s", "images_per_s", "flops_per_image", "flop_per_s"):
+            assert positive(r[name]), (name, r)
+        # bf16 compute keeps parameters, BatchNorm statistics and the loss in float32.
+        assert r["precision"] == {"params": "float32", "batch_stats": "float32",
+                                  "loss": "float32"}
+    teacher = report["teachers"][0]
+    assert positive(teacher["fit_images_per_s"]) and positive(teacher["fit_over_bare"])
+    # A train step is forward + backward, about 3x the forward, over the whole global batch.
+    assert 2 * TINY_FORWARD_FLOPS < teacher["flops_per_image"] < 6 * TINY_FORWARD_FLOPS
+
+    online, cached = report["distill"]
+    assert (online["mode"], cached["mode"]) == ("online", "cached")
+    assert positive(cached["speedup_over_online"])
+    assert cached["flops_per_image"] < online["flops_per_image"]  # no teacher forward
+    assert positive(report["cache"]["views_per_s"]) and report["cache"]["views"] == 8
+    assert [(r["pipeline"], r["workers"]) for r in report["data"]] == [("online", 0),
+                                                                        ("cached", 0)]
+    assert all(positive(r["images_per_s"]) for r in report["data"])
+    for heading in ("Teacher training", "Distillation step", "Cache build", "Data pipeline"):
+        assert heading in table
+
+    benchmark.main(["--print", str(out)])
+    assert capsys.readouterr().out.strip() == benchmark.format_table(report)
