@@ -174,7 +174,9 @@ def time_fit(compiled, state, batches, args, mesh) -> float:
 
 def precision(state, metrics) -> dict[str, str]:
     """Dtypes that mixed precision must keep float32: parameters, BatchNorm statistics, loss."""
-    kinds = lambda tree: ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)}))  # noqa: E731
+    def kinds(tree):
+        return ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)}))
+
     return {"params": kinds(state.params), "batch_stats": kinds(state.batch_stats),
             "loss": str(metrics["loss"].dtype)}
 
@@ -420,6 +422,22 @@ def _record(fn: Callable, *args, **ids) -> Any:
         return {**ids, "error": f"{type(e).__name__}: {e}"}
 
 
+def measure_host_side(report: dict, args, mesh, save: Callable[[str], None]) -> None:
+    """The cache build (first dtype) and the data pipelines, in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = None
+        if "cache" in args.sections:
+            report["cache"] = _record(measure_cache, args.dtype[0], args, mesh,
+                                      pathlib.Path(tmp), dtype=args.dtype[0])
+            if "error" not in report["cache"]:
+                cache_dir = pathlib.Path(tmp) / "steady"
+            save("cache build")
+        if "data" in args.sections:
+            result = _record(measure_data, args, cache_dir, pipeline="data")
+            report["data"] = result if isinstance(result, list) else [result]
+            save("data pipeline")
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.print_file:
@@ -439,31 +457,21 @@ def main(argv=None) -> dict[str, Any]:
             os.replace(tmp, args.out)
 
     save("start")
-    if "teachers" in args.sections:
-        report["teachers"] = []
-        for dtype in args.dtype:
+    # dtype by dtype, so that a run cut short by a timeout has a complete first dtype; the
+    # cache build and the data pipeline come after the first one.
+    for i, dtype in enumerate(args.dtype):
+        if "teachers" in args.sections:
             for arch in args.archs:
-                report["teachers"].append(_record(measure_teacher, arch, dtype, args, mesh,
-                                                  arch=arch, dtype=dtype))
+                report.setdefault("teachers", []).append(
+                    _record(measure_teacher, arch, dtype, args, mesh, arch=arch, dtype=dtype))
                 save(f"teacher {arch} {dtype}")
-    if "distill" in args.sections:
-        report["distill"] = []
-        for dtype in args.dtype:
+        if "distill" in args.sections:
             result = _record(measure_distill, dtype, args, mesh, dtype=dtype)
-            report["distill"].extend(result if isinstance(result, list) else [result])
+            report.setdefault("distill", []).extend(result if isinstance(result, list)
+                                                    else [result])
             save(f"distill {dtype}")
-    with tempfile.TemporaryDirectory() as tmp:
-        cache_dir = None
-        if "cache" in args.sections:
-            report["cache"] = _record(measure_cache, args.dtype[0], args, mesh,
-                                      pathlib.Path(tmp), dtype=args.dtype[0])
-            if "error" not in report["cache"]:
-                cache_dir = pathlib.Path(tmp) / "steady"
-            save("cache build")
-        if "data" in args.sections:
-            result = _record(measure_data, args, cache_dir, pipeline="data")
-            report["data"] = result if isinstance(result, list) else [result]
-            save("data pipeline")
+        if i == 0:
+            measure_host_side(report, args, mesh, save)
     report["total_s"] = time.perf_counter() - started
     save("done")
     print(format_table(report))

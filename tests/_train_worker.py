@@ -66,12 +66,23 @@ def train_iter(*, nan_batch: int | None = None, process_index: int = 0, process_
 
 
 def make_state_and_step(mesh, *, epochs: int = 2):
-    """Fresh TrainState (paper SGD recipe at a small learning rate) and the compiled step."""
+    """A fresh copy of the initial TrainState (paper SGD recipe at a small learning rate), the
+    compiled step and the schedule. The optimiser does not depend on `epochs` (the schedule is
+    per step), so runs of any length share one state, one trace and one compilation."""
+    del epochs
+    import jax
+    import jax.numpy as jnp
+    initial, step, schedule = _initial_state_and_step(mesh)
+    return jax.tree.map(jnp.copy, initial), step, schedule
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_state_and_step(mesh):
     import jax
     from rosjax import models
     from rosjax.config import OptimConfig
     from rosjax.train import optim, parallel, state, steps
-    cfg = OptimConfig(epochs=epochs, batch_size=BATCH, learning_rate=0.05, milestones=(1,))
+    cfg = OptimConfig(batch_size=BATCH, learning_rate=0.05, milestones=(1,))
     tx, schedule = optim.make_optimizer(cfg, STEPS_PER_EPOCH)
     init_key = jax.random.fold_in(jax.random.key(RUN_SEED), 0)
     st = state.create_train_state(models.create("tiny_cnn", CLASSES), tx, init_key,
@@ -167,8 +178,9 @@ def main(argv):
     from rosjax.train import parallel
     assert parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh()
-    result = run_fit(args.workdir, mesh, epochs=1, iterator=train_iter(
-        process_index=jax.process_index(), process_count=jax.process_count()))
+    result = run_fit(args.workdir, mesh, epochs=1, cfg=loop_config(checkpoint_every_steps=0),
+                     iterator=train_iter(process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
     params = jax.device_get(result.state.params)
     flat = {jax.tree_util.keystr(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -76,7 +76,7 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
         metrics = {"loss": loss, "kd": aux["kd"], "ce": aux["ce"],
                    "accuracy": train_steps.accuracy(logits, batch["label"], multilabel=multilabel),
                    "weight_sum": jnp.sum(w) / (1 if w.ndim == 1 else batch_size),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return train_steps.apply_gradients(state, grads, batch_stats), metrics
 
     return distill_step

@@ -103,8 +103,10 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
 
     extras, on_epoch_end = {}, None
     if smooth is not None:
-        extras = {SMOOTH_KEY: smoothing.SmoothState.create(
-            state.params, state.batch_stats, average_batch_stats=smooth.bn_mode == "average")}
+        # Replicated like the state, so a restore targets the same shardings as a fresh run.
+        extras = jax.device_put({SMOOTH_KEY: smoothing.SmoothState.create(
+            state.params, state.batch_stats, average_batch_stats=smooth.bn_mode == "average")},
+            parallel.replicated(mesh))
 
         def on_epoch_end(state, epoch, extras):
             if not smoothing.should_average(epoch, smooth.warmup_epochs):
