@@ -18,7 +18,8 @@ WORKER = pathlib.Path(__file__).with_name("_train_worker.py")
 
 
 def _fit(workdir, epochs):
-    return tw.run_counting_fit(workdir, parallel.make_mesh(), epochs=epochs)
+    return tw.run_counting_fit(workdir, parallel.make_mesh(), epochs=epochs,
+                               cfg=tw.loop_config(checkpoint_every_steps=3))
 
 
 def _assert_same_params(result, params):
@@ -74,43 +75,49 @@ def test_resume_refuses_a_different_epoch_length(straight):
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Metrics are read every 2 steps, checkpoints written every 3: the NaN of batch 9 is
+    # seen after step 10, when the checkpoint of step 9 (taken after a clean read) exists.
     with pytest.raises(loop.NonFiniteError, match=r"non-finite loss = nan, .* at step 9 "):
         tw.run_fit(tmp_path, parallel.make_mesh(), epochs=2,
+                   cfg=tw.loop_config(checkpoint_every_steps=3),
                    iterator=tw.train_iter(nan_batch=9))
     st, _, _ = tw.make_state_and_step(parallel.make_mesh())
     ckpts = checkpoint.RunCheckpoints(tmp_path)
     try:
-        assert ckpts.latest_step() == 8  # the save due after step index 9 never happened
-        restored = ckpts.restore(8, abstract_state=checkpoint.abstract_like(st))
+        assert ckpts.latest_step() == 9
+        restored = ckpts.restore(9, abstract_state=checkpoint.abstract_like(st))
     finally:
         ckpts.close()
-    assert int(restored.state.step) == 8
+    assert int(restored.state.step) == 9
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(
         restored.state.params)))
-    assert restored.iterator_state == {"next_index": 8}
+    assert restored.iterator_state == {"next_index": 9}  # resumes at the NaN batch
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 only
 
 
 def test_train_classifier_keeps_and_exports_the_best_epoch(tmp_path):
-    scores = iter([0.2, 0.9, 0.5])  # validation f1_macro of epochs 1, 2, 3
+    scores = iter([0.9, 0.5])  # validation f1_macro of epochs 1 and 2
     seen = []
 
     def evaluate(state, extras):
         seen.append(jax.device_get(state.variables))
         return {"f1_macro": next(scores), "auroc_macro": 0.5}
 
-    optim_cfg = OptimConfig(epochs=3, batch_size=tw.BATCH, learning_rate=0.05, milestones=(2,))
+    optim_cfg = OptimConfig(epochs=2, batch_size=tw.BATCH, learning_rate=0.05, milestones=(2,))
     result = classifier.train_classifier(
         models.create("tiny_cnn", tw.CLASSES),
         tw.train_iter, evaluate, tmp_path, optim_cfg=optim_cfg,
         steps_per_epoch=tw.STEPS_PER_EPOCH, image_shape=(tw.IMAGE, tw.IMAGE, tw.CHANNELS),
         multilabel=False, loop_cfg=tw.loop_config(checkpoint_every_steps=0))
-    assert result.best_step == 2 * tw.STEPS_PER_EPOCH
+    assert result.best_step == tw.STEPS_PER_EPOCH
     final = checkpoint.load_variables(tmp_path / classifier.FINAL_DIR)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(final), seen[1])
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.variables), seen[1])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(final), seen[0])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.variables), seen[0])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val"]["f1_macro"] for r in records] == [0.2, 0.9, 0.5]
+    assert [r["val"]["f1_macro"] for r in records] == [0.9, 0.5]
+    # The last state (epoch 2) differs from the exported best one (epoch 1).
+    assert not np.array_equal(jax.device_get(result.fit.state.params["fc"]["kernel"]),
+                              seen[0]["params"]["fc"]["kernel"])
 
 
 def test_save_and_load_variables_onto_another_sharding(tmp_path):

@@ -100,8 +100,10 @@ def _per_batch_statistics(next_fun, args, kwargs, context):
 def _accumulate_batch_statistics(model, params, acc, x):
   """acc + every BatchNorm's statistics of batch x ([B, H, W, C]) under train-mode forward."""
   with nn.intercept_methods(_per_batch_statistics):
+    # A fixed dropout key: dropout (MobileNetV2's classifier) acts after the last BatchNorm,
+    # so it cannot change the statistics, but train mode still needs the rng stream.
     _, updates = model.apply({"params": params, "batch_stats": acc}, x, train=True,
-                             mutable=["batch_stats"])
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
   return jax.tree.map(jnp.add, acc, updates["batch_stats"])
 
 
@@ -113,7 +115,7 @@ def recalibrate_batch_stats(model, params, batch_stats, batches: Iterable):
   flax terms.  Forward passes run in train mode (batch statistics), one jit compile for all
   batches (and for later calls with the same model and shapes).  Use un-augmented training
   images of one batch size; padded rows would enter the statistics, so there is no mask.  The
-  model must not need rngs in train mode (no dropout).
+  model's dropout (if any) must come after its last BatchNorm, as in the zoo's models.
 
   Args:
     model: the flax Module (hashable; static under jit).

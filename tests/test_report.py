@@ -1,0 +1,53 @@
+"""report.md is rendered from report.json alone: the paper's table shapes, values, missing rows."""
+import json
+
+from rosjax.eval import report as report_lib
+
+
+def _metrics(p, r, f1):
+    return {"precision_macro": p, "recall_macro": r, "f1_macro": f1, "accuracy": 0.5,
+            "balanced_accuracy": r, "auroc_macro": 0.75, "ece": 0.1}
+
+
+def _rows(markdown, heading):
+    """The table rows (cells) under `heading`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("| ") and not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[1:]  # without the header
+
+
+def test_table_i_lists_every_setting_in_the_papers_order(tmp_path):
+    report = {"experiment": "lesion", "settings": {
+        "baseline_iii": {"test": _metrics(0.691, 0.704, 0.694), "wall_clock_s": 50.0},
+        "rosjax": {"test": _metrics(0.713, 0.726, 0.716), "wall_clock_s": 40.0},
+        "baseline_iv": {"status": "not run"}}}
+    json_path, md_path = report_lib.write_report(tmp_path, report)
+    assert json.loads(json_path.read_text()) == report
+    rows = _rows(md_path.read_text(), "## Table I")
+    assert [r[0] for r in rows] == [report_lib.SETTING_TITLES[k] for k in report_lib.TABLE_I_ORDER]
+    by_name = {r[0]: r for r in rows}
+    assert by_name["RoS-KD (M_smooth)"][1:4] == ["0.713", "0.726", "0.716"]
+    assert by_name["Baseline IV (RL teacher selection)"][1] == "not run"
+    assert by_name["Baseline I (CE only)"][1] == "not run"
+    cost = {r[0]: r for r in _rows(md_path.read_text(), "## Cost")}
+    assert cost["Baseline III (equal-weight teachers)"][2] == "1.250"  # 50 s / 40 s
+
+
+def test_table_iii_shows_mean_and_std():
+    folds = {"class_names": ["Atelectasis", "Mass"], "auroc_mean": [0.83, 0.85], "auroc_std": [0.004, 0.02],
+             "mean_auroc_mean": 0.84, "mean_auroc_std": 0.01, "runs": 3}
+    rows = _rows(report_lib.render_markdown({"folds": folds}), "## Table III")
+    assert rows == [["RoS-KD (ours)", "0.83 ± 0.00", "0.85 ± 0.02", "0.840 ± 0.010"]]
+
+
+def test_missing_values_render_as_dashes_not_nan():
+    report = {"settings": {"rosjax": {"test": {**_metrics(0.5, 0.5, 0.5), "auroc_macro": None}}}}
+    rows = {r[0]: r for r in _rows(report_lib.render_markdown(report), "## Table I")}
+    assert rows["RoS-KD (M_smooth)"][6] == "—"
+    assert "nan" not in report_lib.render_markdown(report).lower()
