@@ -7,8 +7,9 @@ A training run's work directory holds two managers:
                              extras  optional extra pytrees (e.g. the running-mean weights)
                              data    the grain train iterator's position, one JSON file per process
                              meta    JSON: epoch, run key, steps per epoch, ...
-    <workdir>/best/<step>/   the single best checkpoint by a validation metric (state, extras,
-                             meta); Orbax keeps the best one by the metric saved with it.
+    <workdir>/best/<step>/   the best checkpoint by a validation metric (state, extras, meta):
+                             written only when the metric improves; Orbax keeps the single
+                             best one by the metric saved with it.
 
 Saves are asynchronous: arrays are copied off the devices before `save` returns and are
 written in a background thread. Every step is written to a temporary folder that is renamed
@@ -77,6 +78,10 @@ class Restored:
     iterator_state: dict | None  # None for best checkpoints (they store no data position)
 
 
+def _best_metric(metrics: dict[str, float]) -> float:
+    return metrics[_BEST_METRIC]
+
+
 def _key_to_json(key: jax.Array) -> dict[str, Any]:
     return {"impl": str(jax.random.key_impl(key)),
             "data": np.asarray(jax.random.key_data(key)).tolist()}
@@ -96,18 +101,19 @@ class RunCheckpoints:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         root = pathlib.Path(workdir).expanduser().absolute()
+        self._best_mode, self._best_value = best_mode, None
         self._latest = ocp.CheckpointManager(
             root / _LATEST_DIR,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=ocp.checkpoint_managers.LatestN(keep),
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
-        best_fn = lambda metrics: metrics[_BEST_METRIC]  # noqa: E731
+        # best_fn makes Orbax store the metric with each step; BestN(n=1) deletes the others.
         self._best = ocp.CheckpointManager(
             root / _BEST_DIR,
             options=ocp.CheckpointManagerOptions(
-                best_fn=best_fn, best_mode=best_mode,
+                best_fn=_best_metric, best_mode=best_mode,
                 preservation_policy=ocp.checkpoint_managers.BestN(
-                    get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                    get_metric_fn=_best_metric, reverse=best_mode == "min", n=1,
                     keep_checkpoints_without_metrics=False),
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
 
@@ -123,7 +129,10 @@ class RunCheckpoints:
 
     def save(self, step: int, *, state: Any, run_key: jax.Array, meta: dict[str, Any],
              iterator_state: dict, extras: dict[str, Any] | None = None) -> None:
-        """Starts an (asynchronous) resume checkpoint of everything a run needs to continue."""
+        """Starts an (asynchronous) resume checkpoint of everything a run needs to continue.
+
+        `iterator_state` is the train iterator's `get_state()` after the last batch trained on.
+        """
         items = {"state": ocp.args.StandardSave(state),
                  "data": grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
                  "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
@@ -131,20 +140,32 @@ class RunCheckpoints:
             items["extras"] = ocp.args.StandardSave(extras)
         self._latest.save(step, args=ocp.args.Composite(**items))
 
-    def save_best(self, step: int, value: float, *, state: Any, run_key: jax.Array,
-                  meta: dict[str, Any], extras: dict[str, Any] | None = None) -> None:
-        """Offers a checkpoint scored `value`; Orbax keeps it only if it is the best so far.
+    def best_value(self) -> float | None:
+        """The metric of the best checkpoint (None before the first one)."""
+        if self._best_value is None and self.best_step() is not None:
+            self._best_value = self._best.metrics(self.best_step())[_BEST_METRIC]
+        return self._best_value
 
-        A step that is already saved (a resumed run repeating an epoch end) is left as it is.
+    def save_best(self, step: int, value: float, *, state: Any, run_key: jax.Array,
+                  meta: dict[str, Any], extras: dict[str, Any] | None = None) -> bool:
+        """Saves a checkpoint scored `value` if it beats the best so far; returns whether it did.
+
+        Ties keep the earlier checkpoint. A step that is already saved (a resumed run repeating
+        an epoch end) is left as it is.
         """
+        best = self.best_value()
+        if best is not None and not (value > best if self._best_mode == "max" else value < best):
+            return False
         if step in self._best.all_steps():
-            return
+            return False
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
         if extras:
             items["extras"] = ocp.args.StandardSave(extras)
         self._best.save(step, args=ocp.args.Composite(**items),
                         metrics={_BEST_METRIC: float(value)})
+        self._best_value = float(value)
+        return True
 
     def restore(self, step: int, *, abstract_state: Any,
                 abstract_extras: dict[str, Any] | None = None) -> Restored:
@@ -153,6 +174,7 @@ class RunCheckpoints:
 
     def restore_best(self, *, abstract_state: Any,
                      abstract_extras: dict[str, Any] | None = None) -> Restored:
+        """Restores the best checkpoint (no data position) onto `abstract_state`'s shardings."""
         step = self.best_step()
         if step is None:
             raise FileNotFoundError(f"no best checkpoint under {self._best.directory}")

@@ -22,17 +22,19 @@ def _fit(workdir, epochs):
                                cfg=tw.loop_config(checkpoint_every_steps=3))
 
 
-def _assert_same_params(result, params):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params), params)
+def _assert_same_variables(result, variables):
+    """Parameters and BatchNorm statistics are bit-for-bit those of the straight run."""
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.variables),
+                 variables)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Two epochs in one go: (workdir, final params)."""
+    """Two epochs in one go: (workdir, final variables)."""
     workdir = tmp_path_factory.mktemp("straight")
     result = _fit(workdir, 2)
     assert int(result.extras["epochs"]) == 2
-    return workdir, jax.device_get(result.state.params)
+    return workdir, jax.device_get(result.state.variables)
 
 
 def test_stop_after_one_epoch_then_resume(straight, tmp_path):
@@ -40,7 +42,7 @@ def test_stop_after_one_epoch_then_resume(straight, tmp_path):
     assert [r["epoch"] for r in first.history] == [1]
     second = _fit(tmp_path, 2)  # same workdir: resumes at step 6 with the iterator position
     assert [r["epoch"] for r in second.history] == [2]
-    _assert_same_params(second, straight[1])
+    _assert_same_variables(second, straight[1])
     assert int(second.extras["epochs"]) == 2  # restored 1, then one more epoch end
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +65,24 @@ def test_kill_9_mid_epoch_then_resume(straight, tmp_path):
     assert latest in (8, 10)  # both mid-epoch; 10 only if its save finished before the kill
     result = _fit(tmp_path, 2)
     assert [r["epoch"] for r in result.history] == [2]
-    _assert_same_params(result, straight[1])
+    _assert_same_variables(result, straight[1])
+
+
+def test_restore_onto_a_one_device_mesh(straight):
+    """A checkpoint written on 4 devices restores onto another mesh's shardings."""
+    st, _, _ = tw.make_state_and_step(parallel.make_mesh())
+    one = parallel.replicated(parallel.make_mesh(jax.devices()[1:2]))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), st)
+    ckpts = checkpoint.RunCheckpoints(straight[0])
+    try:
+        restored = ckpts.restore(ckpts.latest_step(), abstract_state=target)
+    finally:
+        ckpts.close()
+    kernel = restored.state.params["conv1"]["kernel"]
+    assert kernel.sharding.device_set == {jax.devices()[1]}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state.variables),
+                 straight[1])
+    assert restored.meta["step"] == 2 * tw.STEPS_PER_EPOCH
 
 
 def test_resume_refuses_a_different_epoch_length(straight):
@@ -115,6 +134,8 @@ def test_train_classifier_keeps_and_exports_the_best_epoch(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.variables), seen[0])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["val"]["f1_macro"] for r in records] == [0.9, 0.5]
+    assert [r["best_value"] for r in records] == [0.9, 0.9]
+    assert sorted(int(p.name) for p in (tmp_path / "best").iterdir()) == [tw.STEPS_PER_EPOCH]
     # The last state (epoch 2) differs from the exported best one (epoch 1).
     assert not np.array_equal(jax.device_get(result.fit.state.params["fc"]["kernel"]),
                               seen[0]["params"]["fc"]["kernel"])

@@ -222,6 +222,33 @@ def teacher_forward(apply_fns: tuple[Callable, ...], mesh: jax.sharding.Mesh) ->
                    out_shardings=parallel.data_sharding(mesh))
 
 
+def _open_arrays(directory: pathlib.Path, meta: dict, rows: np.ndarray):
+    """Writable views [E, N] and logits [E, N, K, C] maps: the existing ones after checking
+    that `meta` and `rows` match them, else new files (meta.json written last)."""
+    shapes = (meta["num_views"], meta["num_rows"])
+    if (directory / META_FILE).exists():
+        _check_meta(directory, _read_json(directory / META_FILE), meta)
+        if not np.array_equal(np.load(directory / ROWS_FILE), rows):
+            raise ValueError(f"{directory} holds a teacher cache of other rows: use another "
+                             "directory or delete this one")
+        mode = "r+"
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / ROWS_FILE, rows)
+        mode = "w+"
+    views = np.lib.format.open_memmap(directory / VIEWS_FILE, mode=mode, dtype=VIEW_DTYPE,
+                                      shape=shapes)
+    logits = np.lib.format.open_memmap(
+        directory / LOGITS_FILE, mode=mode, dtype=np.float32,
+        shape=shapes + (meta["num_teachers"], meta["num_classes"]))
+    if mode == "w+":
+        views.flush()
+        logits.flush()
+        _write_json(directory / PROGRESS_FILE, {"done": 0, "total": shapes[0] * shapes[1]})
+        _write_json(directory / META_FILE, meta)  # last: its presence means the files exist
+    return views, logits
+
+
 def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, *,
                         image_size: int, augment: pipeline.AugmentConfig, num_views: int,
                         seed: int, batch_size: int, directory: str | os.PathLike,
@@ -242,6 +269,7 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
       directory: where the cache lives; an unfinished cache there is resumed, a finished one
         is opened, one built from other inputs is an error.
       mesh: devices of this process to run the teachers on (default: all local devices).
+        The build runs in one process; in a multi-host job build the cache beforehand.
       num_threads, prefetch: grain reader threads and batches rendered ahead.
     Returns the opened TeacherCache. Labels play no part: label-noise variants share a cache.
     """
@@ -278,25 +306,7 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
             "num_classes": num_classes, "teacher_checksums": _checksums(variables)}
     meta["augment"] = json.loads(json.dumps(meta["augment"]))  # tuples as JSON lists
 
-    if (directory / META_FILE).exists():
-        _check_meta(directory, _read_json(directory / META_FILE), meta)
-        if not np.array_equal(np.load(directory / ROWS_FILE), rows):
-            raise ValueError(f"{directory} holds a teacher cache of other rows: use another "
-                             "directory or delete this one")
-        mode = "r+"
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / ROWS_FILE, rows)
-        mode = "w+"
-    views = np.lib.format.open_memmap(directory / VIEWS_FILE, mode=mode, dtype=VIEW_DTYPE,
-                                      shape=(num_views, num_examples))
-    logits = np.lib.format.open_memmap(directory / LOGITS_FILE, mode=mode, dtype=np.float32,
-                                       shape=(num_views, num_examples, num_teachers, num_classes))
-    if mode == "w+":
-        views.flush()
-        logits.flush()
-        _write_json(directory / PROGRESS_FILE, {"done": 0, "total": total})
-        _write_json(directory / META_FILE, meta)  # last: its presence means the files exist
+    views, logits = _open_arrays(directory, meta, rows)
     done = _read_json(directory / PROGRESS_FILE)["done"]
     if done < total:
         log.info("teacher cache %s: %d of %d views done, building the rest", directory, done,

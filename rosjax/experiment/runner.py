@@ -26,7 +26,7 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
         teacher: int | None = None) -> dict | None:
     """Runs `stages` of the experiment `cfg` in `workdir`; returns the report when it was written."""
     parallel.maybe_initialize_distributed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     wd = Workdir(workdir)
     check_config(wd, config_lib.to_dict(cfg))
     mesh = parallel.make_mesh()

@@ -8,3 +8,6 @@ paper's SGD recipe), `loop` (fit: epochs, checkpoints, resume, logging), `evalua
 from rosjax.train.state import TrainState, create_train_state
 from rosjax.train.steps import (accuracy, apply_gradients, eval_step, forward_train, step_rng,
                                 train_step)
+
+__all__ = ["TrainState", "create_train_state", "accuracy", "apply_gradients", "eval_step",
+           "forward_train", "step_rng", "train_step"]

@@ -10,7 +10,8 @@ work directory resumes from the latest checkpoint at the exact batch.
 The host never waits for the devices inside a step: batches are placed on the devices
 `prefetch_batches` ahead, and step metrics stay on the devices until they are read every
 `log_every_steps` steps (and before each checkpoint), where a non-finite value stops the run
-with `NonFiniteError` naming the step; no checkpoint is ever written after a bad step.
+with `NonFiniteError` naming the step; no checkpoint is written after a step whose metrics
+(loss, gradient norm, ...) were not all finite, so the latest checkpoint stays a good one.
 """
 from __future__ import annotations
 
@@ -39,14 +40,22 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopConfig:
-    log_every_steps: int = 50          # Host reads step metrics this often (NaN check, progress bar).
+    log_every_steps: int = 50          # Host reads step metrics this often (NaN check, bar).
     checkpoint_every_steps: int = 500  # Mid-epoch resume checkpoint interval; 0: epoch ends only.
     keep_checkpoints: int = 2          # Resume checkpoints kept on disk (the latest ones).
-    best_metric: str | None = None     # Key of evaluate()'s dict that ranks checkpoints; None: no best.
-    best_mode: str = "max"             # "max" or "min": which direction of best_metric is better.
+    best_metric: str | None = None     # evaluate() key that ranks checkpoints; None: no best.
+    best_mode: str = "max"             # "max" or "min": the better direction of best_metric.
     prefetch_batches: int = 2          # Batches placed on the devices ahead of the running step.
-    progress: bool | None = None       # tqdm bar per epoch; None: shown only when stdout is a terminal.
+    progress: bool | None = None       # tqdm bar per epoch; None: only if stdout is a terminal.
     async_checkpointing: bool = True   # Write checkpoints in a background thread.
+
+    def __post_init__(self):
+        for name, low in (("log_every_steps", 1), ("checkpoint_every_steps", 0),
+                          ("keep_checkpoints", 1), ("prefetch_batches", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"LoopConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"LoopConfig.best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -100,7 +109,10 @@ class _StepMetrics:
         self._pending.append((step, metrics))
 
     def flush(self) -> int:
-        """Reads pending metrics; raises NonFiniteError on the first bad step. Returns #steps read."""
+        """Reads pending metrics; raises NonFiniteError on the first bad step.
+
+        Returns the number of steps read.
+        """
         if not self._pending:
             return 0
         values = jax.device_get([m for _, m in self._pending])
@@ -131,8 +143,13 @@ def _rewrite_metrics_log(path: pathlib.Path, completed_epochs: int) -> None:
     """Drops lines of epochs that the restored checkpoint does not include (they will rerun)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= completed_epochs:
+                lines.append(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
@@ -142,7 +159,8 @@ def _to_json(value):
     """json.dumps fallback for numpy scalars and arrays in metric dicts."""
     if isinstance(value, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(value).tolist()
-    raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+    raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not "
+                    "JSON-serialisable")
 
 
 def _best_value(val: dict, name: str):
@@ -183,6 +201,8 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
         their final structure from the start, since they are the restore target.
       schedule: the learning-rate schedule, to log each epoch's learning rate.
     """
+    if cfg.best_metric is not None and evaluate is None:
+        raise ValueError(f"LoopConfig.best_metric={cfg.best_metric!r} needs an evaluate callback")
     workdir = pathlib.Path(workdir).expanduser().absolute()
     main_process = jax.process_index() == 0
     extras = dict(extras or {})
@@ -220,8 +240,11 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
     feeder = _DeviceFeeder(train_iter, mesh, cfg.prefetch_batches)
     show = (cfg.progress if cfg.progress is not None else sys.stdout.isatty()) and (
         metrics_path is not None)
-    meta = lambda s: {"step": s, "epoch": s / steps_per_epoch,  # noqa: E731
-                      "steps_per_epoch": steps_per_epoch}
+
+    def meta(at_step):
+        return {"step": at_step, "epoch": at_step / steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch}
+
     history = []
     while step < total_steps:
         epoch, epoch_start = step // steps_per_epoch, time.perf_counter()
@@ -242,9 +265,10 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
             mid_checkpoint = (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
                               and step < epoch_end)
             if step % cfg.log_every_steps == 0 or mid_checkpoint or step == epoch_end:
-                bar.update(tracker.flush())
+                read = tracker.flush()
                 bar.set_postfix(step=step, loss=tracker.latest.get("loss", float("nan")),
-                                img_s=f"{tracker.images_per_s:.1f}")
+                                img_s=f"{tracker.images_per_s:.1f}", refresh=False)
+                bar.update(read)
             if mid_checkpoint:
                 ckpts.save(step, state=state, run_key=run_key, meta=meta(step),
                            iterator_state=position, extras=extras)
@@ -272,13 +296,15 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                 ckpts.save_best(step, value, state=state, run_key=run_key, extras=extras,
                                 meta={**meta(step), "best_metric": cfg.best_metric,
                                       "value": value})
+            record["best_value"] = ckpts.best_value()
         history.append(record)
         if metrics_path is not None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record, default=_to_json) + "\n")
             summary = " ".join(f"{k} {v:.4g}" for k, v in record["train"].items())
             if cfg.best_metric is not None:
-                summary += f" | val {cfg.best_metric} {val.get(cfg.best_metric)}"
+                summary += (f" | val {cfg.best_metric} {val.get(cfg.best_metric)} "
+                            f"(best {record['best_value']})")
             log.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, summary)
             if show:
                 tqdm.tqdm.write(f"epoch {epoch + 1}/{num_epochs} step {step}: {summary}",

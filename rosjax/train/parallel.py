@@ -92,7 +92,8 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = 
     """Compiles `step_fn(state, batch, key) -> (state, metrics)` for data parallelism.
 
     The state (argument 0) is donated, so its buffers are reused for the new state, and stays
-    replicated; the batch is split on 'data'; the key and the metrics are replicated.
+    replicated; the batch is split on 'data' (every leaf has the batch axis first); the key
+    and the metrics are replicated.
 
     With `frozen` (e.g. the teachers' variables, already on the devices), `step_fn` has the
     signature `step_fn(state, frozen, batch, key)` and the returned callable still takes

@@ -26,7 +26,7 @@ from rosjax.train.state import TrainState
 
 
 def step_rng(run_key: jax.Array, step: jax.Array) -> jax.Array:
-    """The key of one training step: fold_in(run_key, step) (same key at the same step on resume)."""
+    """The key of one training step, fold_in(run_key, step): a resumed run draws the same."""
     return jax.random.fold_in(run_key, step)
 
 
