@@ -23,7 +23,6 @@ measurement (a run cut short by a timeout leaves what it measured).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os

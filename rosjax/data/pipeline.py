@@ -41,317 +41,317 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 grey, as PIL's 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Random training augmentation, applied per example in this order.
+    """Random training augmentation, applied per example in this order.
 
-  Attributes:
-    crop_scale: random resized crop: the crop's area as a fraction of the image, drawn
-      uniformly from this range (torchvision RandomResizedCrop; 10 tries, then a centre crop).
-    crop_ratio: the crop's width/height, drawn log-uniformly from this range.
-    horizontal_flip: mirror left-right with probability 1/2.
-    vertical_flip: mirror top-bottom with probability 1/2.
-    rotation_degrees: rotate by an angle drawn uniformly from [-d, d] (bilinear, black
-      corners); 0 disables it.
-    brightness: multiply pixels by a factor from [1 - b, 1 + b].
-    contrast: blend with the image's mean grey level by a factor from [1 - c, 1 + c].
-    saturation: blend with the pixel's grey value by a factor from [1 - s, 1 + s]; no effect
-      on one-channel images.
-  """
-  crop_scale: tuple[float, float] = (0.08, 1.0)
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-  horizontal_flip: bool = True
-  vertical_flip: bool = False
-  rotation_degrees: float = 0.0
-  brightness: float = 0.0
-  contrast: float = 0.0
-  saturation: float = 0.0
+    Attributes:
+      crop_scale: random resized crop: the crop's area as a fraction of the image, drawn
+        uniformly from this range (torchvision RandomResizedCrop; 10 tries, then a centre crop).
+      crop_ratio: the crop's width/height, drawn log-uniformly from this range.
+      horizontal_flip: mirror left-right with probability 1/2.
+      vertical_flip: mirror top-bottom with probability 1/2.
+      rotation_degrees: rotate by an angle drawn uniformly from [-d, d] (bilinear, black
+        corners); 0 disables it.
+      brightness: multiply pixels by a factor from [1 - b, 1 + b].
+      contrast: blend with the image's mean grey level by a factor from [1 - c, 1 + c].
+      saturation: blend with the pixel's grey value by a factor from [1 - s, 1 + s]; no effect
+        on one-channel images.
+    """
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rotation_degrees: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
 
-  def __post_init__(self):
-    lo, hi = self.crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-      raise ValueError(f"AugmentConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got "
-                       f"{self.crop_scale}")
-    lo, hi = self.crop_ratio
-    if not 0.0 < lo <= hi:
-      raise ValueError(f"AugmentConfig.crop_ratio must satisfy 0 < lo <= hi, got "
-                       f"{self.crop_ratio}")
-    for name in ("rotation_degrees", "brightness", "contrast", "saturation"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+    def __post_init__(self):
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"AugmentConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got "
+                             f"{self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.crop_ratio must satisfy 0 < lo <= hi, got "
+                             f"{self.crop_ratio}")
+        for name in ("rotation_degrees", "brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
 
-  @classmethod
-  def dermoscopy(cls) -> AugmentConfig:
-    """Skin-lesion photographs have no up/down or left/right: flip both ways, rotate up to
-    30 degrees, crop 35-100% of the lesion image, and jitter colour by 20% to cover camera
-    and lighting differences between the ISIC centres."""
-    return cls(crop_scale=(0.35, 1.0), horizontal_flip=True, vertical_flip=True,
-               rotation_degrees=30.0, brightness=0.2, contrast=0.2, saturation=0.2)
+    @classmethod
+    def dermoscopy(cls) -> AugmentConfig:
+        """Skin-lesion photographs have no up/down or left/right: flip both ways, rotate up to
+        30 degrees, crop 35-100% of the lesion image, and jitter colour by 20% to cover camera
+        and lighting differences between the ISIC centres."""
+        return cls(crop_scale=(0.35, 1.0), horizontal_flip=True, vertical_flip=True,
+                   rotation_degrees=30.0, brightness=0.2, contrast=0.2, saturation=0.2)
 
-  @classmethod
-  def chest_xray(cls) -> AugmentConfig:
-    """Chest X-rays are taken upright and in grey: no vertical flip and no saturation;
-    horizontal flip as CheXNet does, mild crops (70-100%), rotation up to 10 degrees and
-    10% brightness/contrast for exposure differences."""
-    return cls(crop_scale=(0.7, 1.0), horizontal_flip=True, vertical_flip=False,
-               rotation_degrees=10.0, brightness=0.1, contrast=0.1, saturation=0.0)
+    @classmethod
+    def chest_xray(cls) -> AugmentConfig:
+        """Chest X-rays are taken upright and in grey: no vertical flip and no saturation;
+        horizontal flip as CheXNet does, mild crops (70-100%), rotation up to 10 degrees and
+        10% brightness/contrast for exposure differences."""
+        return cls(crop_scale=(0.7, 1.0), horizontal_flip=True, vertical_flip=False,
+                   rotation_degrees=10.0, brightness=0.1, contrast=0.1, saturation=0.0)
 
 
 # ----------------------------------------------------------------------------- images
 
 
 def _checked_image(record: Mapping[str, Any], row: int) -> np.ndarray:
-  """Returns the record's image as uint8 [H, W, C] with C in (1, 3), or raises naming the row."""
-  if "image" not in record:
-    raise ValueError(f"source[{row}] has no 'image' (keys: {sorted(record)})")
-  image = np.asarray(record["image"])
-  if image.ndim == 2:
-    image = image[:, :, None]
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-    raise ValueError(f"source[{row}]['image'] must be uint8 [H, W, 1 or 3], got "
-                     f"{image.dtype} {image.shape}")
-  return image
+    """Returns the record's image as uint8 [H, W, C] with C in (1, 3), or raises naming the row."""
+    if "image" not in record:
+        raise ValueError(f"source[{row}] has no 'image' (keys: {sorted(record)})")
+    image = np.asarray(record["image"])
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"source[{row}]['image'] must be uint8 [H, W, 1 or 3], got "
+                         f"{image.dtype} {image.shape}")
+    return image
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
-  return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
 
 
 def _to_float(pil: Image.Image, channels: int) -> np.ndarray:
-  """PIL image -> float32 [S, S, C] in [0, 1]."""
-  array = np.asarray(pil, np.float32) * np.float32(1 / 255)
-  return array.reshape(array.shape[0], array.shape[1], channels)
+    """PIL image -> float32 [S, S, C] in [0, 1]."""
+    array = np.asarray(pil, np.float32) * np.float32(1 / 255)
+    return array.reshape(array.shape[0], array.shape[1], channels)
 
 
 def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Evaluation view: shorter side to image_size / 0.875, centre crop image_size.
+    """Evaluation view: shorter side to image_size / 0.875, centre crop image_size.
 
-  Both steps are one bilinear resample of the matching box of the source image.
-  image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
-  """
-  height, width = image.shape[:2]
-  resized_short_side = round(image_size / EVAL_CROP_FRACTION)
-  side = min(height, width) * image_size / resized_short_side  # crop side in source pixels
-  box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-  pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=box)
-  return _to_float(pil, image.shape[2])
+    Both steps are one bilinear resample of the matching box of the source image.
+    image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
+    """
+    height, width = image.shape[:2]
+    resized_short_side = round(image_size / EVAL_CROP_FRACTION)
+    side = min(height, width) * image_size / resized_short_side  # crop side in source pixels
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=box)
+    return _to_float(pil, image.shape[2])
 
 
 def _random_crop_box(height: int, width: int, config: AugmentConfig,
                      rng: np.random.Generator) -> tuple[int, int, int, int]:
-  """torchvision RandomResizedCrop box (left, top, right, bottom)."""
-  area = height * width
-  log_ratio = np.log(config.crop_ratio)
-  for _ in range(10):
-    target_area = area * rng.uniform(*config.crop_scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = round(math.sqrt(target_area * aspect))
-    h = round(math.sqrt(target_area / aspect))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return left, top, left + w, top + h
-  aspect = min(max(width / height, config.crop_ratio[0]), config.crop_ratio[1])
-  w, h = (width, round(width / aspect)) if width / height < aspect else (
-      round(height * aspect), height)
-  left, top = (width - w) // 2, (height - h) // 2
-  return left, top, left + w, top + h
+    """torchvision RandomResizedCrop box (left, top, right, bottom)."""
+    area = height * width
+    log_ratio = np.log(config.crop_ratio)
+    for _ in range(10):
+        target_area = area * rng.uniform(*config.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    aspect = min(max(width / height, config.crop_ratio[0]), config.crop_ratio[1])
+    w, h = (width, round(width / aspect)) if width / height < aspect else (
+        round(height * aspect), height)
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentView:
-  """One drawn training augmentation, without the pixels: what `apply_view` replays.
+    """One drawn training augmentation, without the pixels: what `apply_view` replays.
 
-  Cached teacher outputs (`rosjax.distill.cache`) store these records so that a later epoch
-  rebuilds exactly the image the teachers saw.
+    Cached teacher outputs (`rosjax.distill.cache`) store these records so that a later epoch
+    rebuilds exactly the image the teachers saw.
 
-  Attributes:
-    box: crop (left, top, right, bottom) in source pixels, resized to the output side.
-    horizontal_flip, vertical_flip: mirror left-right / top-bottom.
-    angle: rotation in degrees, or None for no rotation.
-    brightness, contrast, saturation: colour-jitter factors, or None where not applied.
-  """
-  box: tuple[int, int, int, int]
-  horizontal_flip: bool = False
-  vertical_flip: bool = False
-  angle: float | None = None
-  brightness: float | None = None
-  contrast: float | None = None
-  saturation: float | None = None
+    Attributes:
+      box: crop (left, top, right, bottom) in source pixels, resized to the output side.
+      horizontal_flip, vertical_flip: mirror left-right / top-bottom.
+      angle: rotation in degrees, or None for no rotation.
+      brightness, contrast, saturation: colour-jitter factors, or None where not applied.
+    """
+    box: tuple[int, int, int, int]
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    angle: float | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
 
 
 def draw_view(height: int, width: int, channels: int, config: AugmentConfig,
               rng: np.random.Generator) -> AugmentView:
-  """Draws one AugmentView for an image of [height, width, channels] from `rng`.
+    """Draws one AugmentView for an image of [height, width, channels] from `rng`.
 
-  The draws come in the order `augment_image` has always made them (box, flips, angle,
-  brightness, contrast, saturation; saturation only for 3 channels).
-  """
-  box = _random_crop_box(height, width, config, rng)
-  horizontal = bool(config.horizontal_flip and rng.random() < 0.5)
-  vertical = bool(config.vertical_flip and rng.random() < 0.5)
-  angle = (float(rng.uniform(-config.rotation_degrees, config.rotation_degrees))
-           if config.rotation_degrees else None)
-  brightness = float(_jitter_factor(config.brightness, rng)) if config.brightness else None
-  contrast = float(_jitter_factor(config.contrast, rng)) if config.contrast else None
-  saturation = (float(_jitter_factor(config.saturation, rng))
-                if config.saturation and channels == 3 else None)
-  return AugmentView(box=box, horizontal_flip=horizontal, vertical_flip=vertical, angle=angle,
-                     brightness=brightness, contrast=contrast, saturation=saturation)
+    The draws come in the order `augment_image` has always made them (box, flips, angle,
+    brightness, contrast, saturation; saturation only for 3 channels).
+    """
+    box = _random_crop_box(height, width, config, rng)
+    horizontal = bool(config.horizontal_flip and rng.random() < 0.5)
+    vertical = bool(config.vertical_flip and rng.random() < 0.5)
+    angle = (float(rng.uniform(-config.rotation_degrees, config.rotation_degrees))
+             if config.rotation_degrees else None)
+    brightness = float(_jitter_factor(config.brightness, rng)) if config.brightness else None
+    contrast = float(_jitter_factor(config.contrast, rng)) if config.contrast else None
+    saturation = (float(_jitter_factor(config.saturation, rng))
+                  if config.saturation and channels == 3 else None)
+    return AugmentView(box=box, horizontal_flip=horizontal, vertical_flip=vertical, angle=angle,
+                       brightness=brightness, contrast=contrast, saturation=saturation)
 
 
 def apply_view(image: np.ndarray, view: AugmentView, image_size: int) -> np.ndarray:
-  """Renders `view` of `image`: crop-resize, flips, rotation, colour jitter (in that order).
+    """Renders `view` of `image`: crop-resize, flips, rotation, colour jitter (in that order).
 
-  image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
-  """
-  height, width, channels = image.shape
-  left, top, right, bottom = view.box
-  if not (0 <= left < right <= width and 0 <= top < bottom <= height):
-    raise ValueError(f"AugmentView box {view.box} does not fit an image of {height}x{width} "
-                     "(the view was drawn for another image)")
-  pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=view.box)
-  if view.horizontal_flip:
-    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if view.vertical_flip:
-    pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-  if view.angle is not None:
-    pil = pil.rotate(view.angle, resample=Image.BILINEAR)
-  x = _to_float(pil, channels)  # [S, S, C]
-  if view.brightness is not None:
-    x = np.clip(x * np.float32(view.brightness), 0.0, 1.0)
-  if view.contrast is not None:
-    mean_grey = _grey(x).mean()
-    x = np.clip(mean_grey + (x - mean_grey) * np.float32(view.contrast), 0.0, 1.0)
-  if view.saturation is not None and channels == 3:
-    grey = _grey(x)[:, :, None]  # [S, S, 1]
-    x = np.clip(grey + (x - grey) * np.float32(view.saturation), 0.0, 1.0)
-  return x.astype(np.float32, copy=False)
+    image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
+    """
+    height, width, channels = image.shape
+    left, top, right, bottom = view.box
+    if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+        raise ValueError(f"AugmentView box {view.box} does not fit an image of {height}x{width} "
+                         "(the view was drawn for another image)")
+    pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=view.box)
+    if view.horizontal_flip:
+        pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if view.vertical_flip:
+        pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if view.angle is not None:
+        pil = pil.rotate(view.angle, resample=Image.BILINEAR)
+    x = _to_float(pil, channels)  # [S, S, C]
+    if view.brightness is not None:
+        x = np.clip(x * np.float32(view.brightness), 0.0, 1.0)
+    if view.contrast is not None:
+        mean_grey = _grey(x).mean()
+        x = np.clip(mean_grey + (x - mean_grey) * np.float32(view.contrast), 0.0, 1.0)
+    if view.saturation is not None and channels == 3:
+        grey = _grey(x)[:, :, None]  # [S, S, 1]
+        x = np.clip(grey + (x - grey) * np.float32(view.saturation), 0.0, 1.0)
+    return x.astype(np.float32, copy=False)
 
 
 def augment_image(image: np.ndarray, image_size: int, config: AugmentConfig,
                   rng: np.random.Generator) -> np.ndarray:
-  """Training view: random resized crop, flips, rotation, colour jitter (see AugmentConfig).
+    """Training view: random resized crop, flips, rotation, colour jitter (see AugmentConfig).
 
-  image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
-  """
-  return apply_view(image, draw_view(*image.shape, config, rng), image_size)
+    image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
+    """
+    return apply_view(image, draw_view(*image.shape, config, rng), image_size)
 
 
 def _jitter_factor(strength: float, rng: np.random.Generator) -> np.float32:
-  return np.float32(rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength))
+    return np.float32(rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength))
 
 
 def _grey(x: np.ndarray) -> np.ndarray:
-  """[S, S, C] -> [S, S] grey level (identity for one channel)."""
-  return x[:, :, 0] if x.shape[2] == 1 else x @ _LUMA
+    """[S, S, C] -> [S, S] grey level (identity for one channel)."""
+    return x[:, :, 0] if x.shape[2] == 1 else x @ _LUMA
 
 
 # ----------------------------------------------------------------------------- batches
 
 
 def _label_array(labels: np.ndarray) -> np.ndarray:
-  """Contract dtypes: int32 [N] class ids or float32 [N, C] multi-hot."""
-  labels = np.asarray(labels)
-  if labels.ndim == 1:
-    if labels.size and labels.dtype.kind not in "iu":
-      raise ValueError(f"one-label labels must be integers, got {labels.dtype}")
-    return labels.astype(np.int32)
-  if labels.ndim == 2:
-    return labels.astype(np.float32)
-  raise ValueError(f"labels must be [N] or [N, C], got shape {labels.shape}")
+    """Contract dtypes: int32 [N] class ids or float32 [N, C] multi-hot."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        if labels.size and labels.dtype.kind not in "iu":
+            raise ValueError(f"one-label labels must be integers, got {labels.dtype}")
+        return labels.astype(np.int32)
+    if labels.ndim == 2:
+        return labels.astype(np.float32)
+    raise ValueError(f"labels must be [N] or [N, C], got shape {labels.shape}")
 
 
 def _check_rows(source, indices: np.ndarray | Sequence[int],
                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Validates indices against the source; returns (rows [n] int64, labels of rows)."""
-  rows = np.asarray(indices)
-  if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
-    raise ValueError(f"indices must be a non-empty 1-D integer array, got {rows.dtype} "
-                     f"{rows.shape}")
-  labels = _label_array(labels)
-  if len(labels) != len(source):
-    raise ValueError(f"labels has {len(labels)} rows but the source has {len(source)}; "
-                     "labels are indexed by source row")
-  bad = np.flatnonzero((rows < 0) | (rows >= len(source)))
-  if bad.size:
-    raise ValueError(f"indices[{bad[0]}] = {rows[bad[0]]} is outside the source "
-                     f"(len {len(source)})")
-  rows = rows.astype(np.int64)
-  return rows, labels[rows]
+    """Validates indices against the source; returns (rows [n] int64, labels of rows)."""
+    rows = np.asarray(indices)
+    if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
+        raise ValueError(f"indices must be a non-empty 1-D integer array, got {rows.dtype} "
+                         f"{rows.shape}")
+    labels = _label_array(labels)
+    if len(labels) != len(source):
+        raise ValueError(f"labels has {len(labels)} rows but the source has {len(source)}; "
+                         "labels are indexed by source row")
+    bad = np.flatnonzero((rows < 0) | (rows >= len(source)))
+    if bad.size:
+        raise ValueError(f"indices[{bad[0]}] = {rows[bad[0]]} is outside the source "
+                         f"(len {len(source)})")
+    rows = rows.astype(np.int64)
+    return rows, labels[rows]
 
 
 def _shard(batch_size: int, shard_index: int | None,
            shard_count: int | None) -> tuple[int, int, int]:
-  """Returns (shard_index, shard_count, per-host batch size); defaults to this JAX process."""
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
-  if batch_size < 1 or batch_size % shard_count:
-    raise ValueError(f"batch_size={batch_size} (the global batch) must be a positive multiple "
-                     f"of shard_count={shard_count}")
-  return shard_index, shard_count, batch_size // shard_count
+    """Returns (shard_index, shard_count, per-host batch size); defaults to this JAX process."""
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+    if batch_size < 1 or batch_size % shard_count:
+        raise ValueError(f"batch_size={batch_size} (the global batch) must be a positive multiple "
+                         f"of shard_count={shard_count}")
+    return shard_index, shard_count, batch_size // shard_count
 
 
 class _TrainBatch(grain.transforms.MapWithIndex):
-  """(global step, [B] positions into rows) -> this host's augmented batch."""
+    """(global step, [B] positions into rows) -> this host's augmented batch."""
 
-  def __init__(self, source, rows, labels, *, image_size, augment, seed, steps_per_epoch,
-               host_slice):
-    self._source, self._rows, self._labels = source, rows, labels
-    self._image_size, self._augment, self._seed = image_size, augment, seed
-    self._steps_per_epoch, self._host_slice = steps_per_epoch, host_slice
+    def __init__(self, source, rows, labels, *, image_size, augment, seed, steps_per_epoch,
+                 host_slice):
+        self._source, self._rows, self._labels = source, rows, labels
+        self._image_size, self._augment, self._seed = image_size, augment, seed
+        self._steps_per_epoch, self._host_slice = steps_per_epoch, host_slice
 
-  def map_with_index(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-    positions = positions[self._host_slice]  # [B_host]
-    epoch = step // self._steps_per_epoch
-    rows = self._rows[positions]
-    images = []
-    for row in rows.tolist():
-      image = _checked_image(self._source[row], row)
-      if self._augment is None:
-        images.append(center_crop(image, self._image_size))
-      else:
-        rng = np.random.default_rng([self._seed, epoch, row])
-        images.append(augment_image(image, self._image_size, self._augment, rng))
-    return {"image": np.stack(images), "label": self._labels[positions],
-            "index": rows.astype(np.int32)}
+    def map_with_index(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        positions = positions[self._host_slice]  # [B_host]
+        epoch = step // self._steps_per_epoch
+        rows = self._rows[positions]
+        images = []
+        for row in rows.tolist():
+            image = _checked_image(self._source[row], row)
+            if self._augment is None:
+                images.append(center_crop(image, self._image_size))
+            else:
+                rng = np.random.default_rng([self._seed, epoch, row])
+                images.append(augment_image(image, self._image_size, self._augment, rng))
+        return {"image": np.stack(images), "label": self._labels[positions],
+                "index": rows.astype(np.int32)}
 
 
 class _EvalBatch(grain.transforms.Map):
-  """Global batch number -> this host's share of it, padded, with a validity mask."""
+    """Global batch number -> this host's share of it, padded, with a validity mask."""
 
-  def __init__(self, source, rows, labels, *, image_size, channels, batch_size, host_batch,
-               shard_index):
-    self._source, self._rows, self._labels = source, rows, labels
-    self._image_size, self._channels = image_size, channels
-    self._batch_size, self._host_batch, self._shard_index = batch_size, host_batch, shard_index
+    def __init__(self, source, rows, labels, *, image_size, channels, batch_size, host_batch,
+                 shard_index):
+        self._source, self._rows, self._labels = source, rows, labels
+        self._image_size, self._channels = image_size, channels
+        self._batch_size, self._host_batch, self._shard_index = batch_size, host_batch, shard_index
 
-  def map(self, batch_number: int) -> dict[str, np.ndarray]:
-    start = batch_number * self._batch_size + self._shard_index * self._host_batch
-    positions = np.arange(start, start + self._host_batch)  # [B_host]
-    mask = positions < len(self._rows)
-    size = self._image_size
-    image = np.zeros((self._host_batch, size, size, self._channels), np.float32)
-    label = np.zeros((self._host_batch,) + self._labels.shape[1:], self._labels.dtype)
-    index = np.full(self._host_batch, -1, np.int32)
-    for i in np.flatnonzero(mask).tolist():
-      row = int(self._rows[positions[i]])
-      image[i] = center_crop(_checked_image(self._source[row], row), size)
-      label[i], index[i] = self._labels[positions[i]], row
-    return {"image": image, "label": label, "index": index, "mask": mask}
+    def map(self, batch_number: int) -> dict[str, np.ndarray]:
+        start = batch_number * self._batch_size + self._shard_index * self._host_batch
+        positions = np.arange(start, start + self._host_batch)  # [B_host]
+        mask = positions < len(self._rows)
+        size = self._image_size
+        image = np.zeros((self._host_batch, size, size, self._channels), np.float32)
+        label = np.zeros((self._host_batch,) + self._labels.shape[1:], self._labels.dtype)
+        index = np.full(self._host_batch, -1, np.int32)
+        for i in np.flatnonzero(mask).tolist():
+            row = int(self._rows[positions[i]])
+            image[i] = center_crop(_checked_image(self._source[row], row), size)
+            label[i], index[i] = self._labels[positions[i]], row
+        return {"image": image, "label": label, "index": index, "mask": mask}
 
 
 def _allow_grain_workers() -> None:
-  """grain 0.2.18's mp_prefetch reads the absl flag grain_enable_multiprocess_worker_profiling,
-  which raises UnparsedFlagAccessError outside an absl app (pytest, notebooks, plain scripts).
-  Marking the flags parsed keeps every flag at its default; an absl app has parsed them
-  already, so nothing changes there."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    """grain 0.2.18's mp_prefetch reads the absl flag grain_enable_multiprocess_worker_profiling,
+    which raises UnparsedFlagAccessError outside an absl app (pytest, notebooks, plain scripts).
+    Marking the flags parsed keeps every flag at its default; an absl app has parsed them
+    already, so nothing changes there."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 
 def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, seed: int,
@@ -359,83 +359,83 @@ def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, 
                   shard_index: int | None = None, shard_count: int | None = None,
                   num_workers: int = 0, num_threads: int = 2,
                   prefetch: int = 2) -> grain.IterDataset:
-  """Shuffled, augmented, sharded training batches as a grain IterDataset.
+    """Shuffled, augmented, sharded training batches as a grain IterDataset.
 
-  Args:
-    source: random-access source, `source[row]['image']` uint8 [H, W, C].
-    indices: [n] source rows to train on (a split or a teacher subset).
-    labels: [len(source)] ints or [len(source), C] multi-hot, indexed by source row.
-    image_size: side S of the square output images.
-    batch_size: the global batch; each host gets batch_size // shard_count rows of it.
-    seed: shuffle and augmentation seed (non-negative).
-    augment: AugmentConfig, or None for the deterministic evaluation view.
-    num_epochs: passes over `indices`; None repeats forever. Each epoch has
-      n // batch_size batches (the remainder is dropped).
-    shard_index, shard_count: this host and the number of hosts; default
-      jax.process_index() and jax.process_count().
-    num_workers: grain worker processes (grain.MultiprocessingOptions); 0 reads in-process.
-    num_threads: reader threads per process (grain.ReadOptions), each building whole batches.
-    prefetch: batches buffered ahead per process (and per worker).
+    Args:
+      source: random-access source, `source[row]['image']` uint8 [H, W, C].
+      indices: [n] source rows to train on (a split or a teacher subset).
+      labels: [len(source)] ints or [len(source), C] multi-hot, indexed by source row.
+      image_size: side S of the square output images.
+      batch_size: the global batch; each host gets batch_size // shard_count rows of it.
+      seed: shuffle and augmentation seed (non-negative).
+      augment: AugmentConfig, or None for the deterministic evaluation view.
+      num_epochs: passes over `indices`; None repeats forever. Each epoch has
+        n // batch_size batches (the remainder is dropped).
+      shard_index, shard_count: this host and the number of hosts; default
+        jax.process_index() and jax.process_count().
+      num_workers: grain worker processes (grain.MultiprocessingOptions); 0 reads in-process.
+      num_threads: reader threads per process (grain.ReadOptions), each building whole batches.
+      prefetch: batches buffered ahead per process (and per worker).
 
-  Returns:
-    grain.IterDataset of host-local batch dicts; `iter()` of it is checkpointable.
-  """
-  if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
-  rows, row_labels = _check_rows(source, indices, labels)
-  shard_index, shard_count, host_batch = _shard(batch_size, shard_index, shard_count)
-  steps_per_epoch = len(rows) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{len(rows)} examples make no full batch of {batch_size}")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-  shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
-  positions = (grain.MapDataset.range(len(rows))
-               .shuffle(seed=shuffle_seed)  # reseeded per epoch by repeat
-               .slice(slice(0, steps_per_epoch * batch_size))  # drop the remainder
-               .repeat(num_epochs)
-               .batch(batch_size, drop_remainder=True))  # [B] positions into rows
-  host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
-  ds = positions.map_with_index(_TrainBatch(
-      source, rows, row_labels, image_size=image_size, augment=augment, seed=seed,
-      steps_per_epoch=steps_per_epoch, host_slice=host_slice))
-  ds = ds.to_iter_dataset(_read_options(num_threads, prefetch))
-  if num_workers > 0:
-    _allow_grain_workers()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch))
-  return ds
+    Returns:
+      grain.IterDataset of host-local batch dicts; `iter()` of it is checkpointable.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    rows, row_labels = _check_rows(source, indices, labels)
+    shard_index, shard_count, host_batch = _shard(batch_size, shard_index, shard_count)
+    steps_per_epoch = len(rows) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(rows)} examples make no full batch of {batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    positions = (grain.MapDataset.range(len(rows))
+                 .shuffle(seed=shuffle_seed)  # reseeded per epoch by repeat
+                 .slice(slice(0, steps_per_epoch * batch_size))  # drop the remainder
+                 .repeat(num_epochs)
+                 .batch(batch_size, drop_remainder=True))  # [B] positions into rows
+    host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
+    ds = positions.map_with_index(_TrainBatch(
+        source, rows, row_labels, image_size=image_size, augment=augment, seed=seed,
+        steps_per_epoch=steps_per_epoch, host_slice=host_slice))
+    ds = ds.to_iter_dataset(_read_options(num_threads, prefetch))
+    if num_workers > 0:
+        _allow_grain_workers()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=prefetch))
+    return ds
 
 
 def train_iterator(source, indices, labels, **kwargs) -> grain.DatasetIterator:
-  """`iter(train_dataset(...))`: a checkpointable iterator (get_state / set_state)."""
-  return iter(train_dataset(source, indices, labels, **kwargs))
+    """`iter(train_dataset(...))`: a checkpointable iterator (get_state / set_state)."""
+    return iter(train_dataset(source, indices, labels, **kwargs))
 
 
 def eval_batches(source, indices, labels, *, image_size: int, batch_size: int,
                  shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int = 2, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """Evaluation batches in `indices` order, every example exactly once.
+    """Evaluation batches in `indices` order, every example exactly once.
 
-  ceil(n / batch_size) global batches; the last is padded (image 0, label 0, index -1,
-  mask False) so all batches have the same shape. Arguments as in `train_dataset`.
-  """
-  rows, row_labels = _check_rows(source, indices, labels)
-  shard_index, _, host_batch = _shard(batch_size, shard_index, shard_count)
-  num_batches = -(-len(rows) // batch_size)
-  channels = _checked_image(source[int(rows[0])], int(rows[0])).shape[2]
-  ds = grain.MapDataset.range(num_batches).map(_EvalBatch(
-      source, rows, row_labels, image_size=image_size, channels=channels,
-      batch_size=batch_size, host_batch=host_batch, shard_index=shard_index))
-  return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+    ceil(n / batch_size) global batches; the last is padded (image 0, label 0, index -1,
+    mask False) so all batches have the same shape. Arguments as in `train_dataset`.
+    """
+    rows, row_labels = _check_rows(source, indices, labels)
+    shard_index, _, host_batch = _shard(batch_size, shard_index, shard_count)
+    num_batches = -(-len(rows) // batch_size)
+    channels = _checked_image(source[int(rows[0])], int(rows[0])).shape[2]
+    ds = grain.MapDataset.range(num_batches).map(_EvalBatch(
+        source, rows, row_labels, image_size=image_size, channels=channels,
+        batch_size=batch_size, host_batch=host_batch, shard_index=shard_index))
+    return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
-  """Lays a host-local batch on the device mesh as global jax.Arrays.
+    """Lays a host-local batch on the device mesh as global jax.Arrays.
 
-  Each process passes its own rows; the result's leading dimension is the global batch
-  (host rows x process count), sharded as `sharding` says, e.g.
-  NamedSharding(mesh, PartitionSpec('data')). Works for one host and for several.
-  """
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                      dict(batch))
+    Each process passes its own rows; the result's leading dimension is the global batch
+    (host rows x process count), sharded as `sharding` says, e.g.
+    NamedSharding(mesh, PartitionSpec('data')). Works for one host and for several.
+    """
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                        dict(batch))

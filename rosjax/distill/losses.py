@@ -20,140 +20,140 @@ import jax.numpy as jnp
 
 
 def _masked_mean(values, mask):
-  """Mean of `values` [B] over rows with mask != 0 (0 when every row is masked out)."""
-  if mask is None:
-    return jnp.mean(values)
-  mask = jnp.asarray(mask, jnp.float32)  # [B]
-  if mask.shape != values.shape:
-    raise ValueError(f"losses: mask has shape {mask.shape}, expected {values.shape} "
-                     "(one entry per example)")
-  total = jnp.sum(mask)
-  return jnp.where(total > 0, jnp.sum(values * mask) / jnp.maximum(total, 1e-12), 0.0)
+    """Mean of `values` [B] over rows with mask != 0 (0 when every row is masked out)."""
+    if mask is None:
+        return jnp.mean(values)
+    mask = jnp.asarray(mask, jnp.float32)  # [B]
+    if mask.shape != values.shape:
+        raise ValueError(f"losses: mask has shape {mask.shape}, expected {values.shape} "
+                         "(one entry per example)")
+    total = jnp.sum(mask)
+    return jnp.where(total > 0, jnp.sum(values * mask) / jnp.maximum(total, 1e-12), 0.0)
 
 
 def _check_logits_labels(logits, labels, multilabel):
-  if logits.ndim != 2:
-    raise ValueError(f"losses: logits must be [B, C], got shape {logits.shape}")
-  if multilabel:
-    if labels.shape != logits.shape:
-      raise ValueError(f"losses: multilabel=True needs multi-hot labels [B, C]={logits.shape}, "
-                       f"got shape {labels.shape}")
-  else:
-    if labels.shape != logits.shape[:1]:
-      raise ValueError(f"losses: multilabel=False needs int labels [B]={logits.shape[:1]}, "
-                       f"got shape {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-      raise ValueError(f"losses: multilabel=False needs integer labels, got {labels.dtype}")
+    if logits.ndim != 2:
+        raise ValueError(f"losses: logits must be [B, C], got shape {logits.shape}")
+    if multilabel:
+        if labels.shape != logits.shape:
+            raise ValueError(f"losses: multilabel=True needs multi-hot labels [B, C]={logits.shape}, "
+                             f"got shape {labels.shape}")
+    else:
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(f"losses: multilabel=False needs int labels [B]={logits.shape[:1]}, "
+                             f"got shape {labels.shape}")
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"losses: multilabel=False needs integer labels, got {labels.dtype}")
 
 
 def supervised_per_example(logits, labels, *, multilabel):
-  """Per-example supervised loss [B]: softmax CE (one-label) or BCE summed over labels."""
-  logits = jnp.asarray(logits, jnp.float32)  # [B, C]
-  labels = jnp.asarray(labels)
-  _check_logits_labels(logits, labels, multilabel)
-  if multilabel:
-    y = labels.astype(jnp.float32)  # [B, C]
-    # -[y log sigmoid(x) + (1 - y) log sigmoid(-x)], stable for any x.
-    bce = -(y * jax.nn.log_sigmoid(logits) + (1.0 - y) * jax.nn.log_sigmoid(-logits))
-    return jnp.sum(bce, axis=-1)  # [B]
-  log_p = jax.nn.log_softmax(logits, axis=-1)  # [B, C]
-  return -jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]  # [B]
+    """Per-example supervised loss [B]: softmax CE (one-label) or BCE summed over labels."""
+    logits = jnp.asarray(logits, jnp.float32)  # [B, C]
+    labels = jnp.asarray(labels)
+    _check_logits_labels(logits, labels, multilabel)
+    if multilabel:
+        y = labels.astype(jnp.float32)  # [B, C]
+        # -[y log sigmoid(x) + (1 - y) log sigmoid(-x)], stable for any x.
+        bce = -(y * jax.nn.log_sigmoid(logits) + (1.0 - y) * jax.nn.log_sigmoid(-logits))
+        return jnp.sum(bce, axis=-1)  # [B]
+    log_p = jax.nn.log_softmax(logits, axis=-1)  # [B, C]
+    return -jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]  # [B]
 
 
 def supervised_loss(logits, labels, *, multilabel, mask=None):
-  """Mean supervised loss over the (masked) batch.
+    """Mean supervised loss over the (masked) batch.
 
-  Args:
-    logits: [B, C] model outputs.
-    labels: int [B] (one-label) or float multi-hot [B, C] (multi-label).
-    multilabel: task flag.
-    mask: optional [B] weights; padded rows have mask 0.
-  Returns:
-    scalar float32.
-  """
-  return _masked_mean(supervised_per_example(logits, labels, multilabel=multilabel), mask)
+    Args:
+      logits: [B, C] model outputs.
+      labels: int [B] (one-label) or float multi-hot [B, C] (multi-label).
+      multilabel: task flag.
+      mask: optional [B] weights; padded rows have mask 0.
+    Returns:
+      scalar float32.
+    """
+    return _masked_mean(supervised_per_example(logits, labels, multilabel=multilabel), mask)
 
 
 def _kl_per_example(student_logits, teacher_logits, tau, multilabel):
-  """Unscaled KL(teacher || student) at temperature tau; [..., B, C] -> [..., B]."""
-  s = student_logits / tau
-  t = teacher_logits / tau
-  if multilabel:
-    log_q, log_1mq = jax.nn.log_sigmoid(t), jax.nn.log_sigmoid(-t)
-    log_p, log_1mp = jax.nn.log_sigmoid(s), jax.nn.log_sigmoid(-s)
-    kl = jnp.exp(log_q) * (log_q - log_p) + jnp.exp(log_1mq) * (log_1mq - log_1mp)
-  else:
-    log_q = jax.nn.log_softmax(t, axis=-1)
-    log_p = jax.nn.log_softmax(s, axis=-1)
-    kl = jnp.exp(log_q) * (log_q - log_p)
-  return jnp.sum(kl, axis=-1)
+    """Unscaled KL(teacher || student) at temperature tau; [..., B, C] -> [..., B]."""
+    s = student_logits / tau
+    t = teacher_logits / tau
+    if multilabel:
+        log_q, log_1mq = jax.nn.log_sigmoid(t), jax.nn.log_sigmoid(-t)
+        log_p, log_1mp = jax.nn.log_sigmoid(s), jax.nn.log_sigmoid(-s)
+        kl = jnp.exp(log_q) * (log_q - log_p) + jnp.exp(log_1mq) * (log_1mq - log_1mp)
+    else:
+        log_q = jax.nn.log_softmax(t, axis=-1)
+        log_p = jax.nn.log_softmax(s, axis=-1)
+        kl = jnp.exp(log_q) * (log_q - log_p)
+    return jnp.sum(kl, axis=-1)
 
 
 def _check_tau(tau):
-  if isinstance(tau, (int, float)) and not tau > 0:
-    raise ValueError(f"losses: tau must be > 0, got {tau}")
+    if isinstance(tau, (int, float)) and not tau > 0:
+        raise ValueError(f"losses: tau must be > 0, got {tau}")
 
 
 def kd_divergence(student_logits, teacher_logits, *, tau, multilabel):
-  """Per-example tau^2 * KL(teacher || student) for one teacher.
+    """Per-example tau^2 * KL(teacher || student) for one teacher.
 
-  Args:
-    student_logits: [B, C].
-    teacher_logits: [B, C] (one teacher; treated as a constant: no gradient flows to it).
-    tau: temperature (> 0).
-    multilabel: softmax KL over classes (False) or Bernoulli KL summed over labels (True).
-  Returns:
-    [B] float32, the tau^2-scaled divergence (the scale of the KD term of eq. 4).
-  """
-  _check_tau(tau)
-  s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [B, C]
-  if s.ndim != 2 or t.shape != s.shape:
-    raise ValueError(f"kd_divergence: student {s.shape} and teacher {t.shape} logits must both "
-                     "be [B, C]")
-  return tau ** 2 * _kl_per_example(s, t, tau, multilabel)  # [B]
+    Args:
+      student_logits: [B, C].
+      teacher_logits: [B, C] (one teacher; treated as a constant: no gradient flows to it).
+      tau: temperature (> 0).
+      multilabel: softmax KL over classes (False) or Bernoulli KL summed over labels (True).
+    Returns:
+      [B] float32, the tau^2-scaled divergence (the scale of the KD term of eq. 4).
+    """
+    _check_tau(tau)
+    s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [B, C]
+    if s.ndim != 2 or t.shape != s.shape:
+        raise ValueError(f"kd_divergence: student {s.shape} and teacher {t.shape} logits must both "
+                         "be [B, C]")
+    return tau ** 2 * _kl_per_example(s, t, tau, multilabel)  # [B]
 
 
 def kd_loss(student_logits, teacher_logits, labels, teacher_weights, *, tau, alpha, multilabel,
             mask=None):
-  """RoS-KD objective, paper eq. (4), averaged over the batch.
+    """RoS-KD objective, paper eq. (4), averaged over the batch.
 
-    loss = alpha * tau^2 * sum_m w_m KL(q_m || p) + (1 - alpha) * supervised
+      loss = alpha * tau^2 * sum_m w_m KL(q_m || p) + (1 - alpha) * supervised
 
-  with q_m = softmax(t_m / tau), p = softmax(s / tau) (one-label; Bernoulli per label for
-  multi-label).  With weights 1/K this is baseline III (mean of the teachers' KL); with K=1 and
-  weight 1, baseline II (single-teacher KD).
+    with q_m = softmax(t_m / tau), p = softmax(s / tau) (one-label; Bernoulli per label for
+    multi-label).  With weights 1/K this is baseline III (mean of the teachers' KL); with K=1 and
+    weight 1, baseline II (single-teacher KD).
 
-  Args:
-    student_logits: [B, C].
-    teacher_logits: [K, B, C]; constants (stop_gradient), teachers are frozen.
-    labels: int [B] or float multi-hot [B, C] (the possibly noisy training labels).
-    teacher_weights: [K] (one draw for the batch) or [K, B] (one draw per example).
-    tau: temperature; alpha: weight of the KD term in [0, 1].
-    multilabel: task flag.
-    mask: optional [B]; padded rows have mask 0.
-  Returns:
-    (loss scalar, aux) with aux = {'kd': weighted KD term (tau^2-scaled, batch mean),
-    'ce': supervised term, 'kl_per_teacher': [K] batch-mean tau^2-scaled KL of each teacher}.
-  """
-  _check_tau(tau)
-  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha}")
-  s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
-  if s.ndim != 2 or t.ndim != 3 or t.shape[1:] != s.shape:
-    raise ValueError(f"kd_loss: need student [B, C] and teacher [K, B, C] logits, got "
-                     f"{s.shape} and {t.shape}")
-  num_teachers, batch = t.shape[:2]
-  w = jnp.asarray(teacher_weights, jnp.float32)
-  if w.shape == (num_teachers,):
-    w = jnp.broadcast_to(w[:, None], (num_teachers, batch))  # [K, B]
-  elif w.shape != (num_teachers, batch):
-    raise ValueError(f"kd_loss: teacher_weights must be [K]=({num_teachers},) or "
-                     f"[K, B]=({num_teachers}, {batch}), got {w.shape}")
-  kl = tau ** 2 * _kl_per_example(s[None], t, tau, multilabel)  # [K, B]
-  kd = _masked_mean(jnp.sum(w * kl, axis=0), mask)  # scalar
-  ce = supervised_loss(s, labels, multilabel=multilabel, mask=mask)
-  kl_per_teacher = jax.vmap(lambda k: _masked_mean(k, mask))(kl)  # [K]
-  loss = alpha * kd + (1.0 - alpha) * ce
-  return loss, {"kd": kd, "ce": ce, "kl_per_teacher": kl_per_teacher}
+    Args:
+      student_logits: [B, C].
+      teacher_logits: [K, B, C]; constants (stop_gradient), teachers are frozen.
+      labels: int [B] or float multi-hot [B, C] (the possibly noisy training labels).
+      teacher_weights: [K] (one draw for the batch) or [K, B] (one draw per example).
+      tau: temperature; alpha: weight of the KD term in [0, 1].
+      multilabel: task flag.
+      mask: optional [B]; padded rows have mask 0.
+    Returns:
+      (loss scalar, aux) with aux = {'kd': weighted KD term (tau^2-scaled, batch mean),
+      'ce': supervised term, 'kl_per_teacher': [K] batch-mean tau^2-scaled KL of each teacher}.
+    """
+    _check_tau(tau)
+    if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha}")
+    s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
+    if s.ndim != 2 or t.ndim != 3 or t.shape[1:] != s.shape:
+        raise ValueError(f"kd_loss: need student [B, C] and teacher [K, B, C] logits, got "
+                         f"{s.shape} and {t.shape}")
+    num_teachers, batch = t.shape[:2]
+    w = jnp.asarray(teacher_weights, jnp.float32)
+    if w.shape == (num_teachers,):
+        w = jnp.broadcast_to(w[:, None], (num_teachers, batch))  # [K, B]
+    elif w.shape != (num_teachers, batch):
+        raise ValueError(f"kd_loss: teacher_weights must be [K]=({num_teachers},) or "
+                         f"[K, B]=({num_teachers}, {batch}), got {w.shape}")
+    kl = tau ** 2 * _kl_per_example(s[None], t, tau, multilabel)  # [K, B]
+    kd = _masked_mean(jnp.sum(w * kl, axis=0), mask)  # scalar
+    ce = supervised_loss(s, labels, multilabel=multilabel, mask=mask)
+    kl_per_teacher = jax.vmap(lambda k: _masked_mean(k, mask))(kl)  # [K]
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return loss, {"kd": kd, "ce": ce, "kl_per_teacher": kl_per_teacher}

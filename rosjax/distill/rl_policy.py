@@ -60,211 +60,211 @@ from rosjax.distill.losses import kd_divergence, supervised_per_example
 
 
 def num_state_features(embed_dim: int, num_classes: int, num_teachers: int) -> int:
-  """Length F of a state vector: embedding D + probabilities C + teacher loss 1 + one-hot K."""
-  return embed_dim + num_classes + 1 + num_teachers
+    """Length F of a state vector: embedding D + probabilities C + teacher loss 1 + one-hot K."""
+    return embed_dim + num_classes + 1 + num_teachers
 
 
 def state_features(embedding, teacher_logits, labels, *, tau, multilabel):
-  """Per (teacher, example) state vectors, detached from every gradient.
+    """Per (teacher, example) state vectors, detached from every gradient.
 
-  Args:
-    embedding: [B, D] pooled pre-logit features of the fixed "semantic" teacher.
-    teacher_logits: [K, B, C] logits of the K frozen teachers.
-    labels: int [B] or float multi-hot [B, C] (the noisy training labels).
-    tau: distillation temperature used to soften the teachers' outputs.
-    multilabel: task flag (sigmoid per label instead of softmax).
-  Returns:
-    [K, B, F] float32 with F = num_state_features(D, C, K), each row
-    concat[embedding / ||embedding||, softened probs, teacher loss, one-hot(k)].
-  """
-  emb = jax.lax.stop_gradient(jnp.asarray(embedding, jnp.float32))  # [B, D]
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
-  if emb.ndim != 2 or t.ndim != 3 or t.shape[1] != emb.shape[0]:
-    raise ValueError(f"state_features: need embedding [B, D] and teacher_logits [K, B, C] with "
-                     f"the same B, got {emb.shape} and {t.shape}")
-  num_teachers, batch, _ = t.shape
-  emb = emb / (jnp.linalg.norm(emb, axis=-1, keepdims=True) + 1e-12)  # [B, D]
-  probs = jax.nn.sigmoid(t / tau) if multilabel else jax.nn.softmax(t / tau, axis=-1)  # [K,B,C]
-  teacher_loss = jax.vmap(
-      lambda z: supervised_per_example(z, labels, multilabel=multilabel))(t)  # [K, B]
-  onehot = jnp.broadcast_to(jnp.eye(num_teachers, dtype=jnp.float32)[:, None, :],
-                            (num_teachers, batch, num_teachers))  # [K, B, K]
-  emb = jnp.broadcast_to(emb[None], (num_teachers,) + emb.shape)  # [K, B, D]
-  return jnp.concatenate([emb, probs, teacher_loss[..., None], onehot], axis=-1)  # [K, B, F]
+    Args:
+      embedding: [B, D] pooled pre-logit features of the fixed "semantic" teacher.
+      teacher_logits: [K, B, C] logits of the K frozen teachers.
+      labels: int [B] or float multi-hot [B, C] (the noisy training labels).
+      tau: distillation temperature used to soften the teachers' outputs.
+      multilabel: task flag (sigmoid per label instead of softmax).
+    Returns:
+      [K, B, F] float32 with F = num_state_features(D, C, K), each row
+      concat[embedding / ||embedding||, softened probs, teacher loss, one-hot(k)].
+    """
+    emb = jax.lax.stop_gradient(jnp.asarray(embedding, jnp.float32))  # [B, D]
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
+    if emb.ndim != 2 or t.ndim != 3 or t.shape[1] != emb.shape[0]:
+        raise ValueError(f"state_features: need embedding [B, D] and teacher_logits [K, B, C] with "
+                         f"the same B, got {emb.shape} and {t.shape}")
+    num_teachers, batch, _ = t.shape
+    emb = emb / (jnp.linalg.norm(emb, axis=-1, keepdims=True) + 1e-12)  # [B, D]
+    probs = jax.nn.sigmoid(t / tau) if multilabel else jax.nn.softmax(t / tau, axis=-1)  # [K,B,C]
+    teacher_loss = jax.vmap(
+        lambda z: supervised_per_example(z, labels, multilabel=multilabel))(t)  # [K, B]
+    onehot = jnp.broadcast_to(jnp.eye(num_teachers, dtype=jnp.float32)[:, None, :],
+                              (num_teachers, batch, num_teachers))  # [K, B, K]
+    emb = jnp.broadcast_to(emb[None], (num_teachers,) + emb.shape)  # [K, B, D]
+    return jnp.concatenate([emb, probs, teacher_loss[..., None], onehot], axis=-1)  # [K, B, F]
 
 
 def init_policy(key, feature_dim: int, *, init_scale: float = 0.01):
-  """Logistic-policy parameters {'w': [F], 'b': []}; small weights, zero bias (pi ~ 0.5)."""
-  return {"w": init_scale * jax.random.normal(key, (feature_dim,), jnp.float32),
-          "b": jnp.zeros((), jnp.float32)}
+    """Logistic-policy parameters {'w': [F], 'b': []}; small weights, zero bias (pi ~ 0.5)."""
+    return {"w": init_scale * jax.random.normal(key, (feature_dim,), jnp.float32),
+            "b": jnp.zeros((), jnp.float32)}
 
 
 def selection_logits(params, features):
-  """theta . s + b for every state: [..., F] -> [...]."""
-  if features.shape[-1] != params["w"].shape[0]:
-    raise ValueError(f"selection_logits: features have {features.shape[-1]} entries, the "
-                     f"policy expects {params['w'].shape[0]}")
-  return features @ params["w"] + params["b"]
+    """theta . s + b for every state: [..., F] -> [...]."""
+    if features.shape[-1] != params["w"].shape[0]:
+        raise ValueError(f"selection_logits: features have {features.shape[-1]} entries, the "
+                         f"policy expects {params['w'].shape[0]}")
+    return features @ params["w"] + params["b"]
 
 
 def selection_probs(params, features):
-  """pi(select | s) = sigmoid(theta . s + b): [K, B, F] -> [K, B]."""
-  return jax.nn.sigmoid(selection_logits(params, features))
+    """pi(select | s) = sigmoid(theta . s + b): [K, B, F] -> [K, B]."""
+    return jax.nn.sigmoid(selection_logits(params, features))
 
 
 def sample_actions(key, probs):
-  """Bernoulli select (True) / skip (False) actions, one per (teacher, example): [K, B] bool."""
-  return jax.random.bernoulli(key, probs)
+    """Bernoulli select (True) / skip (False) actions, one per (teacher, example): [K, B] bool."""
+    return jax.random.bernoulli(key, probs)
 
 
 def select_weights(actions):
-  """KD weights [K, B]: 1 / n_selected(example) for selected teachers, 0 otherwise.
+    """KD weights [K, B]: 1 / n_selected(example) for selected teachers, 0 otherwise.
 
-  An example with no teacher selected gets an all-zero column.
-  """
-  a = jnp.asarray(actions, jnp.float32)  # [K, B]
-  return a / jnp.maximum(jnp.sum(a, axis=0, keepdims=True), 1.0)
+    An example with no teacher selected gets an all-zero column.
+    """
+    a = jnp.asarray(actions, jnp.float32)  # [K, B]
+    return a / jnp.maximum(jnp.sum(a, axis=0, keepdims=True), 1.0)
 
 
 def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, multilabel):
-  """Student loss under a teacher selection, mean over the batch.
+    """Student loss under a teacher selection, mean over the batch.
 
-  Per example b with selected set S_b (n_b = |S_b|):
-    n_b > 0:  alpha * (1/n_b) sum_{k in S_b} tau^2 KL(q_k || p) + (1 - alpha) * CE
-    n_b = 0:  CE                      (falls back to the pure hard-label loss)
-  where CE is softmax cross-entropy (one-label) or BCE summed over labels (multi-label).
+    Per example b with selected set S_b (n_b = |S_b|):
+      n_b > 0:  alpha * (1/n_b) sum_{k in S_b} tau^2 KL(q_k || p) + (1 - alpha) * CE
+      n_b = 0:  CE                      (falls back to the pure hard-label loss)
+    where CE is softmax cross-entropy (one-label) or BCE summed over labels (multi-label).
 
-  Args:
-    student_logits: [B, C].
-    teacher_logits: [K, B, C]; constants (no gradient).
-    labels: int [B] or float multi-hot [B, C].
-    actions: [K, B] bool, True = teacher k is used for example b.
-    tau, alpha: temperature and KD weight (as in `losses.kd_loss`).
-    multilabel: task flag.
-  Returns:
-    (loss scalar, aux) with aux = {'ce': mean CE, 'kd': mean over examples of the selected-
-    teacher KD average (0 for examples with none), 'selected_frac': fraction of (teacher,
-    example) pairs selected, 'none_frac': fraction of examples with no teacher selected}.
-  """
-  s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
-  actions = jnp.asarray(actions, bool)  # [K, B]
-  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"rl_kd_loss: alpha must be in [0, 1], got {alpha}")
-  if t.ndim != 3 or t.shape[1:] != s.shape or actions.shape != t.shape[:2]:
-    raise ValueError(f"rl_kd_loss: need student [B, C], teacher [K, B, C] and actions [K, B], "
-                     f"got {s.shape}, {t.shape} and {actions.shape}")
-  kl = jax.vmap(lambda z: kd_divergence(s, z, tau=tau, multilabel=multilabel))(t)  # [K, B]
-  kd = jnp.sum(select_weights(actions) * kl, axis=0)  # [B]
-  ce = supervised_per_example(s, labels, multilabel=multilabel)  # [B]
-  any_selected = jnp.any(actions, axis=0)  # [B]
-  per_example = jnp.where(any_selected, alpha * kd + (1.0 - alpha) * ce, ce)  # [B]
-  aux = {"ce": jnp.mean(ce), "kd": jnp.mean(kd),
-         "selected_frac": jnp.mean(jnp.asarray(actions, jnp.float32)),
-         "none_frac": 1.0 - jnp.mean(any_selected.astype(jnp.float32))}
-  return jnp.mean(per_example), aux
+    Args:
+      student_logits: [B, C].
+      teacher_logits: [K, B, C]; constants (no gradient).
+      labels: int [B] or float multi-hot [B, C].
+      actions: [K, B] bool, True = teacher k is used for example b.
+      tau, alpha: temperature and KD weight (as in `losses.kd_loss`).
+      multilabel: task flag.
+    Returns:
+      (loss scalar, aux) with aux = {'ce': mean CE, 'kd': mean over examples of the selected-
+      teacher KD average (0 for examples with none), 'selected_frac': fraction of (teacher,
+      example) pairs selected, 'none_frac': fraction of examples with no teacher selected}.
+    """
+    s = jnp.asarray(student_logits, jnp.float32)  # [B, C]
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))  # [K, B, C]
+    actions = jnp.asarray(actions, bool)  # [K, B]
+    if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"rl_kd_loss: alpha must be in [0, 1], got {alpha}")
+    if t.ndim != 3 or t.shape[1:] != s.shape or actions.shape != t.shape[:2]:
+        raise ValueError(f"rl_kd_loss: need student [B, C], teacher [K, B, C] and actions [K, B], "
+                         f"got {s.shape}, {t.shape} and {actions.shape}")
+    kl = jax.vmap(lambda z: kd_divergence(s, z, tau=tau, multilabel=multilabel))(t)  # [K, B]
+    kd = jnp.sum(select_weights(actions) * kl, axis=0)  # [B]
+    ce = supervised_per_example(s, labels, multilabel=multilabel)  # [B]
+    any_selected = jnp.any(actions, axis=0)  # [B]
+    per_example = jnp.where(any_selected, alpha * kd + (1.0 - alpha) * ce, ce)  # [B]
+    aux = {"ce": jnp.mean(ce), "kd": jnp.mean(kd),
+           "selected_frac": jnp.mean(jnp.asarray(actions, jnp.float32)),
+           "none_frac": 1.0 - jnp.mean(any_selected.astype(jnp.float32))}
+    return jnp.mean(per_example), aux
 
 
 def student_reward(student_logits, labels, *, multilabel, per_example=False):
-  """Reward = minus the student's hard-label loss (call it with the logits after the update).
+    """Reward = minus the student's hard-label loss (call it with the logits after the update).
 
-  per_example=False gives the batch mean, one reward shared by all actions (Yuan et al.);
-  per_example=True gives one reward per example [B] (our option, sharper credit assignment).
-  """
-  loss = supervised_per_example(student_logits, labels, multilabel=multilabel)  # [B]
-  return jax.lax.stop_gradient(-loss if per_example else -jnp.mean(loss))
+    per_example=False gives the batch mean, one reward shared by all actions (Yuan et al.);
+    per_example=True gives one reward per example [B] (our option, sharper credit assignment).
+    """
+    loss = supervised_per_example(student_logits, labels, multilabel=multilabel)  # [B]
+    return jax.lax.stop_gradient(-loss if per_example else -jnp.mean(loss))
 
 
 def log_probs(params, features, actions):
-  """log pi(a | s) of the logistic policy for every state: [K, B]."""
-  z = selection_logits(params, features)  # [K, B]
-  a = jnp.asarray(actions, jnp.float32)
-  return a * jax.nn.log_sigmoid(z) + (1.0 - a) * jax.nn.log_sigmoid(-z)
+    """log pi(a | s) of the logistic policy for every state: [K, B]."""
+    z = selection_logits(params, features)  # [K, B]
+    a = jnp.asarray(actions, jnp.float32)
+    return a * jax.nn.log_sigmoid(z) + (1.0 - a) * jax.nn.log_sigmoid(-z)
 
 
 def reinforce_loss(params, features, actions, advantages):
-  """REINFORCE surrogate -mean_b sum_k A_kb log pi(a_kb | s_kb) (minimise it).
+    """REINFORCE surrogate -mean_b sum_k A_kb log pi(a_kb | s_kb) (minimise it).
 
-  Args:
-    params: policy parameters.
-    features: [K, B, F] states.
-    actions: [K, B] bool, the sampled actions.
-    advantages: reward minus baseline; [] (one per batch), [B] (per example) or [K, B].
-  Returns:
-    scalar.  Its gradient is -mean_b sum_k A_kb (a_kb - pi_kb) s_kb for w (s_kb -> 1 for b).
-  """
-  adv = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32)),
-                         actions.shape)  # [K, B]
-  return -jnp.mean(jnp.sum(adv * log_probs(params, features, actions), axis=0))
+    Args:
+      params: policy parameters.
+      features: [K, B, F] states.
+      actions: [K, B] bool, the sampled actions.
+      advantages: reward minus baseline; [] (one per batch), [B] (per example) or [K, B].
+    Returns:
+      scalar.  Its gradient is -mean_b sum_k A_kb (a_kb - pi_kb) s_kb for w (s_kb -> 1 for b).
+    """
+    adv = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32)),
+                           actions.shape)  # [K, B]
+    return -jnp.mean(jnp.sum(adv * log_probs(params, features, actions), axis=0))
 
 
 def policy_gradient(params, features, actions, advantages):
-  """(reinforce_loss, its gradient w.r.t. the policy parameters)."""
-  return jax.value_and_grad(reinforce_loss)(params, features, actions, advantages)
+    """(reinforce_loss, its gradient w.r.t. the policy parameters)."""
+    return jax.value_and_grad(reinforce_loss)(params, features, actions, advantages)
 
 
 def update_baseline(baseline, reward, decay):
-  """Moving-average reward baseline: decay * baseline + (1 - decay) * mean(reward)."""
-  return decay * baseline + (1.0 - decay) * jnp.mean(reward)
+    """Moving-average reward baseline: decay * baseline + (1 - decay) * mean(reward)."""
+    return decay * baseline + (1.0 - decay) * jnp.mean(reward)
 
 
 class PolicyState(flax.struct.PyTreeNode):
-  """Agent state, a pytree of arrays only (checkpointable next to the student's state).
+    """Agent state, a pytree of arrays only (checkpointable next to the student's state).
 
-  Attributes:
-    params: {'w': [F], 'b': []} logistic-policy parameters.
-    opt_state: the optax optimiser state of `params`.
-    baseline: [] moving average of the reward.
-    step: [] int32 number of agent updates so far.
-  """
-  params: dict
-  opt_state: optax.OptState
-  baseline: jax.Array
-  step: jax.Array
+    Attributes:
+      params: {'w': [F], 'b': []} logistic-policy parameters.
+      opt_state: the optax optimiser state of `params`.
+      baseline: [] moving average of the reward.
+      step: [] int32 number of agent updates so far.
+    """
+    params: dict
+    opt_state: optax.OptState
+    baseline: jax.Array
+    step: jax.Array
 
 
 def init_policy_state(key, feature_dim: int, tx: optax.GradientTransformation,
                       *, init_scale: float = 0.01) -> PolicyState:
-  """Fresh agent: small random policy, optimiser state of `tx`, baseline 0, step 0."""
-  params = init_policy(key, feature_dim, init_scale=init_scale)
-  return PolicyState(params=params, opt_state=tx.init(params),
-                     baseline=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32))
+    """Fresh agent: small random policy, optimiser state of `tx`, baseline 0, step 0."""
+    params = init_policy(key, feature_dim, init_scale=init_scale)
+    return PolicyState(params=params, opt_state=tx.init(params),
+                       baseline=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32))
 
 
 def policy_step(policy_state: PolicyState, features, actions, rewards,
                 tx: optax.GradientTransformation, *, baseline_decay: float = 0.9):
-  """One REINFORCE update of the agent; pure, jit it with `tx` bound (functools.partial).
+    """One REINFORCE update of the agent; pure, jit it with `tx` bound (functools.partial).
 
-  The advantage is rewards - baseline, with the baseline as it stood before this batch (at the
-  very first step the batch's own mean reward, so that step's advantage is centred); then the
-  baseline takes in this batch's mean reward.
+    The advantage is rewards - baseline, with the baseline as it stood before this batch (at the
+    very first step the batch's own mean reward, so that step's advantage is centred); then the
+    baseline takes in this batch's mean reward.
 
-  Args:
-    policy_state: current agent.
-    features: [K, B, F] states the actions were drawn in.
-    actions: [K, B] bool actions drawn from the current policy.
-    rewards: [] (one per batch) or [B] (one per example).
-    tx: the optax optimiser the state was initialised with.
-    baseline_decay: moving-average decay in [0, 1).
-  Returns:
-    (new PolicyState, metrics) with scalar metrics 'policy_loss', 'reward', 'baseline',
-    'advantage', 'select_prob' and 'select_prob/t{k}' (mean pi per teacher k).
-  """
-  if isinstance(baseline_decay, (int, float)) and not 0.0 <= baseline_decay < 1.0:
-    raise ValueError(f"policy_step: baseline_decay must be in [0, 1), got {baseline_decay}")
-  rewards = jnp.asarray(rewards, jnp.float32)
-  mean_reward = jnp.mean(rewards)
-  baseline = jnp.where(policy_state.step == 0, mean_reward, policy_state.baseline)
-  advantages = rewards - baseline
-  loss, grads = policy_gradient(policy_state.params, features, actions, advantages)
-  updates, opt_state = tx.update(grads, policy_state.opt_state, policy_state.params)
-  params = optax.apply_updates(policy_state.params, updates)
-  new_state = PolicyState(params=params, opt_state=opt_state,
-                          baseline=update_baseline(baseline, rewards, baseline_decay),
-                          step=policy_state.step + 1)
-  probs = selection_probs(policy_state.params, features)  # [K, B]
-  metrics = {"policy_loss": loss, "reward": mean_reward, "baseline": baseline,
-             "advantage": jnp.mean(advantages), "select_prob": jnp.mean(probs)}
-  for k in range(probs.shape[0]):
-    metrics[f"select_prob/t{k}"] = jnp.mean(probs[k])
-  return new_state, metrics
+    Args:
+      policy_state: current agent.
+      features: [K, B, F] states the actions were drawn in.
+      actions: [K, B] bool actions drawn from the current policy.
+      rewards: [] (one per batch) or [B] (one per example).
+      tx: the optax optimiser the state was initialised with.
+      baseline_decay: moving-average decay in [0, 1).
+    Returns:
+      (new PolicyState, metrics) with scalar metrics 'policy_loss', 'reward', 'baseline',
+      'advantage', 'select_prob' and 'select_prob/t{k}' (mean pi per teacher k).
+    """
+    if isinstance(baseline_decay, (int, float)) and not 0.0 <= baseline_decay < 1.0:
+        raise ValueError(f"policy_step: baseline_decay must be in [0, 1), got {baseline_decay}")
+    rewards = jnp.asarray(rewards, jnp.float32)
+    mean_reward = jnp.mean(rewards)
+    baseline = jnp.where(policy_state.step == 0, mean_reward, policy_state.baseline)
+    advantages = rewards - baseline
+    loss, grads = policy_gradient(policy_state.params, features, actions, advantages)
+    updates, opt_state = tx.update(grads, policy_state.opt_state, policy_state.params)
+    params = optax.apply_updates(policy_state.params, updates)
+    new_state = PolicyState(params=params, opt_state=opt_state,
+                            baseline=update_baseline(baseline, rewards, baseline_decay),
+                            step=policy_state.step + 1)
+    probs = selection_probs(policy_state.params, features)  # [K, B]
+    metrics = {"policy_loss": loss, "reward": mean_reward, "baseline": baseline,
+               "advantage": jnp.mean(advantages), "select_prob": jnp.mean(probs)}
+    for k in range(probs.shape[0]):
+        metrics[f"select_prob/t{k}"] = jnp.mean(probs[k])
+    return new_state, metrics
