@@ -53,6 +53,9 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
         distill=dataclasses.replace(cfg.distill, warmup_epochs=1, recalibration_batches=4, rl_equal_epochs=2),
         evaluation=dataclasses.replace(cfg.evaluation, pgd_steps=3, landscape_grid=5, landscape_examples=16,
                                        attack_examples=32),
+        # One extra point per sweep (the main run is the other); folds: two split seeds.
+        sweeps=dataclasses.replace(cfg.sweeps, overlaps=(0.0, cfg.teachers.overlap), students=("resnet18", "mobilenet_v2"),
+                                   normalizations=("none", "sum1"), fold_seeds=(0, 1)),
         checkpoint_every_steps=4,
         log_every_steps=2,
     )
