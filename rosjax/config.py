@@ -69,6 +69,9 @@ class DistillConfig:
     weighting: str = "exponential"     # RoS-KD teacher weights: w_m ~ Exp(1) every step.
     per_example: bool = False          # Draw weights per example instead of one draw per step.
     normalize: str | None = None       # None (paper), "sum1" (Dirichlet) or "sumk" (sum to K).
+    teacher_outputs: str = "online"    # "online" (paper: teachers run on every batch) or "cached" (FKD-style replay).
+    cache_views: int = 10              # Cached outputs: augmentation views stored per example; epoch e replays e mod E.
+    cache_batch_size: int = 256        # Cached outputs: images per teacher forward while building the cache.
     warmup_epochs: int = 10            # Epochs before M_smooth starts averaging (paper: 10).
     bn_mode: str = "recalibrate"       # M_smooth BatchNorm: "recalibrate" (pass over train data) or "average".
     recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics.
@@ -185,7 +188,10 @@ def _parse(tp: Any, text: str, full: str) -> Any:
         return None if text.lower() in ("none", "null", "") else _parse(inner, text, full)
     if typing.get_origin(tp) is tuple:
         (item_type, *_) = typing.get_args(tp)
-        items = [t for t in text.split(",") if t.strip()]
+        if not text.strip():
+            return ()
+        # Empty entries are kept for strings ("a.npz,,c.npz": no file for the second teacher).
+        items = [t for t in text.split(",") if item_type is str or t.strip()]
         return tuple(_parse(item_type, t.strip(), full) for t in items)
     try:
         if tp is bool:

@@ -182,3 +182,52 @@ def test_missing_nih_table_is_a_clear_error(tmp_path, capsys):
     assert status == 2
     err = capsys.readouterr().err
     assert "Data_Entry_2017" in err and "Traceback" not in err
+
+
+def test_cached_teacher_outputs_train_the_same_student(lesion_run, tmp_path):
+    """With as many stored views as epochs, the cached run replays the online run's batches and
+    teacher logits, so baseline III's student ends where the online one did."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from rosjax.experiment.artifacts import load_setting  # noqa: PLC0415
+
+    reference_dir, _ = lesion_run
+    cfg = tiny_config(lesion.get_config, **{"distill.teacher_outputs": "cached", "distill.cache_views": "3",
+                                            "distill.cache_batch_size": "32"})
+    report = runner.run(cfg, tmp_path, stages=["data", "teachers", "settings", "evaluate", "report"],
+                        settings=["baseline_iii"])
+    assert report["settings"]["baseline_iii"]["teacher_outputs"] == "cached"
+    _, cached, _ = load_setting(tmp_path, "baseline_iii")
+    _, online, _ = load_setting(reference_dir, "baseline_iii")
+    for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(online)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_teachers_start_from_given_weights(tmp_path):
+    """--teachers.pretrained: a teacher starts from the file's weights (lr 0 keeps them to the end)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from rosjax import models  # noqa: PLC0415
+    from rosjax.experiment.artifacts import load_setting  # noqa: PLC0415
+    from rosjax.models import pretrained  # noqa: PLC0415
+
+    model = models.create("resnet18", 8)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    weights["batch_stats"] = jax.tree.map(np.abs, weights["batch_stats"])  # variances must be positive
+    path = tmp_path / "resnet18.npz"
+    pretrained.save_torchvision_weights("resnet18", weights, path)
+
+    cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "resnet18,tiny_cnn",
+                                            "teachers.pretrained": f"{path},", "optim.learning_rate": "0",
+                                            "optim.weight_decay": "0", "optim.epochs": "1"})
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        runner.run(C.apply_overrides(cfg, {"teachers.pretrained": "missing.npz,"}), tmp_path / "bad",
+                   stages=["teachers"], settings=[])
+    runner.run(cfg, tmp_path / "run", stages=["data", "teachers"], settings=[])
+    _, trained, _ = load_setting(tmp_path / "run", "teacher:0")
+    np.testing.assert_array_equal(np.asarray(trained["params"]["conv1"]["kernel"]),
+                                  weights["params"]["conv1"]["kernel"])

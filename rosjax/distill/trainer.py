@@ -26,7 +26,7 @@ import jax
 
 from rosjax import checkpoint
 from rosjax.config import OptimConfig
-from rosjax.distill import smoothing
+from rosjax.distill import cache, smoothing
 from rosjax.distill.steps import make_distill_step
 from rosjax.train import loop, optim, parallel, steps
 from rosjax.train.state import create_train_state
@@ -69,7 +69,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                   workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
                   image_shape: tuple[int, int, int], multilabel: bool, kd: KDSpec = KDSpec(),
                   smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
-                  seed: int = 0, loop_cfg: loop.LoopConfig = loop.LoopConfig(),
+                  cached_teacher_outputs: bool = False, seed: int = 0,
+                  loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                   mesh: jax.sharding.Mesh | None = None) -> StudentResult:
     """Trains a student and exports it (and M_smooth) to `<workdir>/final`.
 
@@ -85,6 +86,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       smooth: M_smooth options, or None for no weight averaging.
       make_recalibration_batches: returns training batches (un-augmented is fine) for the
         BatchNorm recalibration of M_smooth; needed when smooth.bn_mode == "recalibrate".
+      cached_teacher_outputs: the train batches carry the teachers' stored logits
+        (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
     """
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(optim_cfg.batch_size, mesh)
@@ -94,10 +97,13 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
 
     if teachers:
         apply_fns = tuple(apply for apply, _ in teachers)
-        frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
         step = make_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
                                  weighting_kind=kd.weighting, per_example=kd.per_example, normalize=kd.normalize)
-        step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
+        if cached_teacher_outputs:  # batches carry teacher_logits [B, K, C]; no teacher runs
+            step_fn = parallel.jit_train_step(cache.cached_distill_step(step), mesh)
+        else:
+            frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
+            step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     else:
         step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel), mesh)
 

@@ -14,10 +14,12 @@ from typing import Any
 import jax
 
 from rosjax.config import ExperimentConfig
+from rosjax.distill import cache as cache_lib
 from rosjax.distill import trainer
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
 from rosjax.experiment.workdir import Workdir, done, mark_done
+from rosjax.models import pretrained
 from rosjax.train import classifier, evaluate, loop, parallel
 
 log = logging.getLogger(__name__)
@@ -75,12 +77,35 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         model, lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "teacher", index)),
         validation_evaluator(cfg, data, mesh), folder, optim_cfg=cfg.optim,
         steps_per_epoch=data_lib.steps_per_epoch(cfg, rows), image_shape=image_shape(cfg, data),
-        multilabel=data.multilabel, seed=_seed(cfg, "teacher", index), loop_cfg=loop_config(cfg), mesh=mesh)
+        multilabel=data.multilabel, seed=_seed(cfg, "teacher", index), loop_cfg=loop_config(cfg), mesh=mesh,
+        load_weights=pretrained_loader(cfg, index))
     record = {"index": index, "architecture": architecture, "train_examples": int(len(rows)),
+              "pretrained": pretrained_path(cfg, index),
               "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
               "test": test_metrics(cfg, data, model, result.variables, mesh)}
     mark_done(folder, record)
     return record
+
+
+def pretrained_path(cfg: ExperimentConfig, index: int) -> str | None:
+    """The torchvision-layout weight file teacher `index` starts from, or None (from scratch)."""
+    files = cfg.teachers.pretrained
+    if files and len(files) != len(cfg.teachers.architectures):
+        raise ValueError(f"--teachers.pretrained has {len(files)} entries for {len(cfg.teachers.architectures)} "
+                         "teachers: give one per teacher (an empty entry trains that one from scratch)")
+    path = files[index] if files else ""
+    if path and not pathlib.Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"--teachers.pretrained: no weight file {path} for teacher {index}")
+    return str(pathlib.Path(path).expanduser()) if path else None
+
+
+def pretrained_loader(cfg: ExperimentConfig, index: int):
+    """`load_weights` for `train_classifier`: ImageNet weights into a fresh teacher, or None."""
+    path = pretrained_path(cfg, index)
+    if path is None:
+        return None
+    architecture = cfg.teachers.architectures[index]
+    return lambda variables: pretrained.load_torchvision_weights(architecture, variables, path)
 
 
 def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tuple[Any, Any]]:
@@ -125,6 +150,19 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     rows = data.splits["train"]
     teachers = load_teachers(cfg, teachers_wd or wd, teacher_indices(cfg, setting), mesh)
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
+    if cfg.distill.teacher_outputs not in ("online", "cached"):
+        raise ValueError(f"--distill.teacher_outputs={cfg.distill.teacher_outputs!r}: expected online or cached")
+    indices = teacher_indices(cfg, setting)
+    # Baseline IV's agent needs a teacher's pooled features, which the cache does not store.
+    cached = cfg.distill.teacher_outputs == "cached" and bool(indices) and setting != "baseline_iv"
+    if cached:
+        store = teacher_cache(cfg, teachers_wd or wd, data, mesh)
+        make_train_iter = lambda: cache_lib.cached_train_iterator(  # noqa: E731
+            data.dataset.source, rows, data.train_labels, store, image_size=cfg.data.image_size,
+            batch_size=cfg.optim.batch_size, seed=_seed(cfg, "student", 0), teacher_indices=indices,
+            num_workers=cfg.data.num_workers)
+    else:
+        make_train_iter = make_iter
     common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh)
@@ -144,12 +182,22 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
                                      recalibration_batches=d.recalibration_batches)
                   if setting == "rosjax" else None)
-        trainer.train_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder, kd=kd,
-                              smooth=smooth, make_recalibration_batches=make_iter, **common)
-    record = {"setting": setting, "teachers": teacher_indices(cfg, setting), "student": cfg.distill.student,
-              "wall_clock_s": wall_clock(folder), "teacher_outputs": "online"}
+        trainer.train_student(model, teachers, make_train_iter, validation_evaluator(cfg, data, mesh), folder,
+                              kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
+                              cached_teacher_outputs=cached, **common)
+    record = {"setting": setting, "teachers": indices, "student": cfg.distill.student,
+              "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
     mark_done(folder, record)
     return record
+
+
+def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, mesh) -> cache_lib.TeacherCache:
+    """Every teacher's logits on `cache_views` stored views of the training split (built once, resumable)."""
+    teachers = load_teachers(cfg, wd, range(len(cfg.teachers.architectures)), mesh)
+    return cache_lib.build_teacher_cache(
+        teachers, data.dataset.source, data.splits["train"], image_size=cfg.data.image_size,
+        augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views, seed=_seed(cfg, "student", 0),
+        batch_size=cfg.distill.cache_batch_size, directory=wd.folder("teacher_cache"), mesh=mesh)
 
 
 def _seed(cfg: ExperimentConfig, role: str, index: int) -> int:

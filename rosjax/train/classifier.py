@@ -41,7 +41,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
                      workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
                      image_shape: tuple[int, int, int], multilabel: bool, seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                     mesh: jax.sharding.Mesh | None = None) -> ClassifierResult:
+                     mesh: jax.sharding.Mesh | None = None,
+                     load_weights: Callable[[dict], dict] | None = None) -> ClassifierResult:
     """Trains `model` with the paper's SGD recipe and exports the best model to workdir/final.
 
     Args:
@@ -57,6 +58,9 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
       seed: splits into the init key and the run key (dropout).
       loop_cfg: loop options; `best_metric` None picks `default_best_metric(multilabel)`.
       mesh: the data-parallel mesh (default: all devices).
+      load_weights: maps the freshly initialised variables to the starting ones, e.g.
+        ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the
+        momentum buffers start at zero either way. A resumed run restores its checkpoint instead.
     """
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(optim_cfg.batch_size, mesh)
@@ -65,6 +69,9 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
     tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
     init_key, run_key = jax.random.split(jax.random.key(seed))
     state = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+    if load_weights is not None:
+        loaded = jax.device_put(load_weights(jax.device_get(state.variables)), parallel.replicated(mesh))
+        state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
     step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel),
                                       mesh)
     result = loop.fit(state, step_fn, make_train_iter(), run_key=run_key,
