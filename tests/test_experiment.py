@@ -174,6 +174,11 @@ def test_nih_run_with_sweeps_and_folds(tmp_path):
     assert folds["runs"] == 2 and len(folds["auroc_mean"]) == 8
     markdown = (tmp_path / "report.md").read_text()
     assert "Table III" in markdown and "Sweep" in markdown
+    # Every sweep point and fold is a finished stage now: a rerun only reads them back.
+    started = time.perf_counter()
+    again = runner.run(cfg, tmp_path, stages=["sweeps", "folds", "report"], settings=list(cfg.settings))
+    assert again["sweeps"] == report["sweeps"] and again["folds"] == report["folds"]
+    assert time.perf_counter() - started < 60
 
 
 def test_missing_nih_table_is_a_clear_error(tmp_path, capsys):

@@ -384,21 +384,40 @@ def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, 
         raise ValueError(f"seed must be >= 0, got {seed}")
     rows, row_labels = _check_rows(source, indices, labels)
     shard_index, shard_count, host_batch = _shard(batch_size, shard_index, shard_count)
-    steps_per_epoch = len(rows) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(rows)} examples make no full batch of {batch_size}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
-    positions = (grain.MapDataset.range(len(rows))
-                 .shuffle(seed=shuffle_seed)  # reseeded per epoch by repeat
-                 .slice(slice(0, steps_per_epoch * batch_size))  # drop the remainder
-                 .repeat(num_epochs)
-                 .batch(batch_size, drop_remainder=True))  # [B] positions into rows
+    positions, steps_per_epoch = shuffled_position_batches(len(rows), batch_size, seed, num_epochs)
     host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
     ds = positions.map_with_index(_TrainBatch(
         source, rows, row_labels, image_size=image_size, augment=augment, seed=seed,
         steps_per_epoch=steps_per_epoch, host_slice=host_slice))
+    return to_iter_dataset(ds, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+
+
+def shuffled_position_batches(num_rows: int, batch_size: int, seed: int,
+                              num_epochs: int | None) -> tuple[grain.MapDataset, int]:
+    """The training order: per epoch a seeded shuffle of positions 0..num_rows-1, the incomplete
+    last batch dropped; returns (MapDataset of [B] position batches, steps per epoch).
+
+    Shared by the online pipeline and the cached-teacher replay (`rosjax.distill.cache`), so
+    both see the same batches for the same seed.
+    """
+    steps_per_epoch = num_rows // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_rows} examples make no full batch of {batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    positions = (grain.MapDataset.range(num_rows)
+                 .shuffle(seed=shuffle_seed)  # reseeded per epoch by repeat
+                 .slice(slice(0, steps_per_epoch * batch_size))  # drop the remainder
+                 .repeat(num_epochs)
+                 .batch(batch_size, drop_remainder=True))  # [B] positions into rows
+    return positions, steps_per_epoch
+
+
+def to_iter_dataset(ds: grain.MapDataset, *, num_threads: int, prefetch: int,
+                    num_workers: int) -> grain.IterDataset:
+    """Batches read by `num_threads` threads per process, in `num_workers` worker processes
+    (0: in-process), `prefetch` batches ahead."""
     ds = ds.to_iter_dataset(_read_options(num_threads, prefetch))
     if num_workers > 0:
         _allow_grain_workers()

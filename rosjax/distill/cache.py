@@ -432,30 +432,16 @@ def cached_train_dataset(source, indices, labels, cache: TeacherCache, *, image_
     rows, row_labels = pipeline._check_rows(source, indices, labels)  # noqa: SLF001
     shard_index, shard_count, host_batch = pipeline._shard(  # noqa: SLF001
         batch_size, shard_index, shard_count)
-    steps_per_epoch = len(rows) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(rows)} examples make no full batch of {batch_size}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    # The shuffle of pipeline.train_dataset, so a cached run sees the online run's batches.
-    shuffle_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
-    positions = (grain.MapDataset.range(len(rows))
-                 .shuffle(seed=shuffle_seed)
-                 .slice(slice(0, steps_per_epoch * batch_size))
-                 .repeat(num_epochs)
-                 .batch(batch_size, drop_remainder=True))  # [B] positions into rows
+    # The order of pipeline.train_dataset, so a cached run sees the online run's batches.
+    positions, steps_per_epoch = pipeline.shuffled_position_batches(len(rows), batch_size, seed,
+                                                                   num_epochs)
     host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
     ds = positions.map_with_index(_CachedBatch(
         source, rows, cache.positions(rows), row_labels, directory=cache.directory,
         teacher_indices=teacher_indices, image_size=image_size,
         steps_per_epoch=steps_per_epoch, num_views=cache.num_views, host_slice=host_slice))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
-    if num_workers > 0:
-        pipeline._allow_grain_workers()  # noqa: SLF001
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=prefetch))
-    return ds
+    return pipeline.to_iter_dataset(ds, num_threads=num_threads, prefetch=prefetch,
+                                    num_workers=num_workers)
 
 
 def cached_train_iterator(source, indices, labels, cache: TeacherCache,
