@@ -11,7 +11,6 @@ sigmoid KD. Expected (paper): RoS-KD F1 0.349, mean AUROC 0.838 (Table III).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from experiments import lesion

@@ -215,7 +215,7 @@ def test_policy_state_is_a_pytree_of_arrays():
 def test_policy_learns_to_prefer_the_right_teacher():
     """Teacher 0 always predicts the label, teacher 1 is random; reward = log-likelihood of
     the label under the mixture of the selected teachers (uniform when none is selected)."""
-    k, b, c, d, steps = 2, 64, 4, 8, 300
+    b, c, d, steps = 64, 4, 8, 300  # 2 teachers
     rng = np.random.default_rng(7)
     y = rng.integers(0, c, (steps, b)).astype(np.int32)  # [N, B]
     right = 8.0 * np.eye(c, dtype=np.float32)[y]  # [N, B, C]

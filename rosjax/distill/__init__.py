@@ -7,3 +7,7 @@ from rosjax.distill.smoothing import (SmoothState, recalibrate_batch_stats, shou
                                       update_running_mean)
 from rosjax.distill.weighting import (TEACHER_WEIGHTINGS, equal_teacher_weights,
                                       sample_teacher_weights, step_key, teacher_weights)
+
+__all__ = ["SmoothState", "TEACHER_WEIGHTINGS", "equal_teacher_weights", "kd_divergence", "kd_loss",
+           "recalibrate_batch_stats", "sample_teacher_weights", "should_average", "step_key",
+           "supervised_loss", "supervised_per_example", "teacher_weights", "update_running_mean"]

@@ -143,7 +143,6 @@ def expected_calibration_error(y_true, y_score, *, multilabel, num_bins=ECE_BINS
         conf = y_score.max(axis=1)  # [N]
         hit = (y_score.argmax(axis=1) == y_true).astype(np.float64)  # [N]
     bins = np.clip(np.ceil(conf * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
-    count = np.bincount(bins, minlength=num_bins)
     conf_sum = np.bincount(bins, weights=conf, minlength=num_bins)
     hit_sum = np.bincount(bins, weights=hit, minlength=num_bins)
     return float(np.sum(np.abs(hit_sum - conf_sum)) / conf.size)

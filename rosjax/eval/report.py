@@ -82,7 +82,7 @@ def _data_section(data: dict[str, Any]) -> list[str]:
     lines = ["## Data", ""]
     sizes = data.get("split_sizes", {})
     if sizes:
-        lines += [f"Split sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "."]
+        lines += ["Split sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "."]
     overlap = data.get("group_overlap", {})
     if overlap:
         lines += ["Groups (patients / lesions) shared between splits: "
