@@ -140,14 +140,15 @@ def test_killed_run_resumes_to_the_same_report(lesion_run, tmp_path):
     command = [sys.executable, "-m", "experiments.lesion", "--smoke", "--workdir", str(workdir),
                "--stage", "data,teachers,settings,evaluate,report", *tiny_argv()]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed-run.log"  # a file, not a pipe: nobody reads the log while we poll
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     ckpt = workdir / "settings" / "rosjax" / "ckpt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
             break
         time.sleep(0.2)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "settings" / "rosjax" / "DONE.json").exists()
