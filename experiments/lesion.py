@@ -49,7 +49,7 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
         data=dataclasses.replace(cfg.data, manual_dir=str(sample_dir(cfg.data.dataset)),
                                  data_dir="~/.cache/rosjax/tensorflow_datasets", stored_size=64,
                                  image_size=32, eval_batch_size=32),
-        optim=dataclasses.replace(cfg.optim, epochs=4, batch_size=16, learning_rate=0.05, milestones=(3,)),
+        optim=dataclasses.replace(cfg.optim, epochs=3, batch_size=16, learning_rate=0.05, milestones=(2,)),
         distill=dataclasses.replace(cfg.distill, warmup_epochs=1, recalibration_batches=4, rl_equal_epochs=2),
         evaluation=dataclasses.replace(cfg.evaluation, pgd_steps=3, landscape_grid=5, landscape_examples=16,
                                        attack_examples=32),

@@ -20,7 +20,8 @@ PAPER_ARCHITECTURES = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "dens
 def test_lesion_smoke_run_produces_the_report(tmp_path):
     workdir = tmp_path / "lesion-smoke"
     done = subprocess.run([sys.executable, "-m", "experiments.lesion", "--smoke", "--workdir", str(workdir),
-                           "--stage", "data,teachers,settings,evaluate,report"],
+                           "--stage", "data,teachers,settings,evaluate,report",
+                           f"--data.data_dir={tmp_path / 'tensorflow_datasets'}"],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]

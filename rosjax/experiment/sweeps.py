@@ -25,7 +25,7 @@ from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import evaluation, training
-from rosjax.experiment.workdir import Workdir, check_config, write_json
+from rosjax.experiment.workdir import Workdir, check_config, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,15 @@ def _f1(scores: dict[str, Any], name: str):
 
 def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     """Runs the three sweeps, writes `eval/sweeps.json` and one plot per sweep; returns the results."""
-    main = {name: evaluation.read_json(path) for name in evaluation.settings_to_evaluate(COMPARED)
+    main = {name: read_json(path) for name in evaluation.settings_to_evaluate(COMPARED)
             if (path := wd.root / "eval" / f"{name}.json").exists()}
     if "rosjax" not in main or "baseline_iii" not in main:
         raise RuntimeError("the sweeps compare against the main run: run the stages settings and evaluate "
                            "(baseline_iii and rosjax) first")
     d = cfg.distill
+    unknown = [v for v in cfg.sweeps.normalizations if v not in WEIGHT_VARIANTS]
+    if unknown:
+        raise ValueError(f"--sweeps.normalizations: unknown {unknown}; valid: {', '.join(WEIGHT_VARIANTS)}")
     sweeps = {
         "overlap": _sweep(
             cfg, wd, mesh, main, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
@@ -81,9 +84,6 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
 
 def _sweep(cfg, wd, mesh, main, name, parameter, title, values, point_name: Callable, is_main: Callable,
            point_cfg: Callable, *, own_teachers: bool, settings=COMPARED) -> dict[str, Any]:
-    unknown = [v for v in values if name == "weights" and v not in WEIGHT_VARIANTS]
-    if unknown:
-        raise ValueError(f"--sweeps.normalizations: unknown {unknown}; valid: {', '.join(WEIGHT_VARIANTS)}")
     points = {}
     for value in values:
         if is_main(value):
@@ -120,7 +120,7 @@ def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     per_run = []
     for seed in cfg.sweeps.fold_seeds:
         if seed == cfg.data.split_seed and (wd.root / "eval" / "rosjax.json").exists():
-            scores = {"rosjax": evaluation.read_json(wd.root / "eval" / "rosjax.json")}
+            scores = {"rosjax": read_json(wd.root / "eval" / "rosjax.json")}
         else:
             log.info("fold with split seed %d", seed)
             fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=("rosjax",))
