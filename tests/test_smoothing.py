@@ -114,6 +114,7 @@ def test_recalibration_reproduces_hand_computed_statistics():
     # Stale running statistics that must not leak into the result.
     stale = jax.tree.map(lambda a: a + 7.0, variables["batch_stats"])
 
+    smoothing._accumulate_batch_statistics.clear_cache()  # other tests may have compiled it
     stats = recalibrate_batch_stats(model, params, stale, batches)
 
     per_batch = [_numpy_batch_stats(params, b["image"]) for b in batches]
