@@ -15,7 +15,7 @@ import jax
 
 from rosjax.config import ExperimentConfig
 from rosjax.distill import cache as cache_lib
-from rosjax.distill import trainer
+from rosjax.distill import rl_trainer, trainer
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
 from rosjax.experiment.workdir import Workdir, done, mark_done
@@ -148,11 +148,11 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     artifacts.write_spec(folder, spec)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
-    teachers = load_teachers(cfg, teachers_wd or wd, teacher_indices(cfg, setting), mesh)
-    make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
     if cfg.distill.teacher_outputs not in ("online", "cached"):
         raise ValueError(f"--distill.teacher_outputs={cfg.distill.teacher_outputs!r}: expected online or cached")
     indices = teacher_indices(cfg, setting)
+    teachers = load_teachers(cfg, teachers_wd or wd, indices, mesh)
+    make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
     # Baseline IV's agent needs a teacher's pooled features, which the cache does not store.
     cached = cfg.distill.teacher_outputs == "cached" and bool(indices) and setting != "baseline_iv"
     if cached:
@@ -168,7 +168,6 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh)
     d = cfg.distill
     if setting == "baseline_iv":
-        from rosjax.distill import rl_trainer  # noqa: PLC0415
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
                                     kd=trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting="equal"),
                                     rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
