@@ -38,6 +38,8 @@ class DataConfig:
     pixel_std: tuple[float, ...] = (0.25,)  # Per-channel std divided inside the model.
     num_workers: int = 0               # grain worker processes for decoding/augmentation (0: in-process).
     eval_batch_size: int = 128         # Global batch of evaluation passes (padded, masked).
+    download: str = "auto"             # "auto": fetch missing public files; "never": fail at once naming what is missing.
+    skip_corrupt_images: bool = False  # Preparation: leave out undecodable images (counted) instead of stopping.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +70,7 @@ class DistillConfig:
     alpha: float = 0.9                 # Weight of the KD term against the hard-label term (paper: 0.9).
     weighting: str = "exponential"     # RoS-KD teacher weights: w_m ~ Exp(1) every step.
     per_example: bool = False          # Draw weights per example instead of one draw per step.
-    normalize: str | None = None       # None (paper), "sum1" (Dirichlet) or "sumk" (sum to K).
+    normalize: str = "sum1"            # "sum1": Exp(1) ÷ sum (Dirichlet, baseline III's KD strength); "none": paper's literal Exp(1); "sumk".
     teacher_outputs: str = "online"    # "online" (paper: teachers run on every batch) or "cached" (FKD-style replay).
     cache_views: int = 10              # Cached outputs: augmentation views stored per example; epoch e replays e mod E.
     cache_batch_size: int = 256        # Cached outputs: images per teacher forward while building the cache.

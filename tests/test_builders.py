@@ -22,7 +22,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from rosjax import data
-from rosjax.data import CorruptImageError, DataError, isic2019, make_samples, nih_chestxray14
+from rosjax.data import (CorruptImageError, DataError, builder_utils, isic2019, make_samples,
+                         nih_chestxray14)
 from rosjax.data.nih_chestxray14 import nih_chestxray14_dataset_builder as nih_builder_module
 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -187,7 +188,7 @@ def test_isic_reads_back_by_name_without_tensorflow(isic):
     tmp, ds = isic
     source = tfds.data_source("isic2019/32", data_dir=tmp, split="train", download=False)
     assert len(source) == len(ds)
-    again = data.prepare("isic2019", data_dir=tmp, image_size=32, download=False)
+    again = data.prepare("isic2019", data_dir=tmp, image_size=32, prepare_if_missing=False)
     np.testing.assert_array_equal(again.labels, ds.labels)
     assert "tensorflow" not in sys.modules
 
@@ -211,7 +212,8 @@ def test_isic_downloads_from_the_second_host_when_the_first_fails(tmp_path):
             raise ConnectionError("host down")
         return tmp_path / "files" / url.rsplit("/", 1)[-1]
 
-    with mock.patch.object(tfds.download.DownloadManager, "download", fake_download):
+    with mock.patch.object(tfds.download.DownloadManager, "download", fake_download), \
+            mock.patch.object(builder_utils, "unreachable", lambda url: None):
         ds = prepare_tmp(tmp_path, tmp_path / "empty_manual")
     assert len(ds) == 16
     for name in (GT, META, "ISIC_2019_Training_Input.zip"):
@@ -226,7 +228,8 @@ def test_isic_missing_file_offline_names_file_urls_and_manual_dir(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
     shutil.copy(ISIC_DIR / META, manual)
-    with mock.patch.object(tfds.download.DownloadManager, "download", offline):
+    with mock.patch.object(tfds.download.DownloadManager, "download", offline), \
+            mock.patch.object(builder_utils, "unreachable", lambda url: None):
         with pytest.raises(DataError) as e:
             prepare_tmp(tmp_path, manual)
     msg = str(e.value)
@@ -236,8 +239,9 @@ def test_isic_missing_file_offline_names_file_urls_and_manual_dir(tmp_path):
 def test_isic_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     images = isic_subset(tmp_path / "manual", "flat")
     (tmp_path / "manual" / f"{images[3]}.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(CorruptImageError, match=f"{images[3]}.jpg"):
+    with pytest.raises(CorruptImageError, match=f"{images[3]}.jpg") as e:
         prepare_tmp(tmp_path, tmp_path / "manual")
+    assert "--data.skip_corrupt_images=true" in str(e.value)
     ds = prepare_tmp(tmp_path, tmp_path / "manual", skip_corrupt_images=True)
     assert len(ds) == 15 and images[3] not in ds.metadata["image_id"]
     info = isic2019.Builder(config="32", data_dir=tmp_path / "tfds").info
@@ -310,8 +314,8 @@ def test_nih_labels_groups_metadata_equal_csv(nih):
     np.testing.assert_array_equal(ds.official_test, [i in test_list for i in ids])
     assert 0 < ds.official_test.sum() < len(ds)
     assert (ds.num_channels, ds.image_size) == (1, 32)
-    chosen = data.prepare("nih_chestxray14", data_dir=tmp, image_size=32, download=False,
-                          labels=["Hernia", "Mass"])
+    chosen = data.prepare("nih_chestxray14", data_dir=tmp, image_size=32,
+                          prepare_if_missing=False, labels=["Hernia", "Mass"])
     np.testing.assert_array_equal(chosen.labels, expected[:, [13, 4]])
     every = data.prepare("nih_chestxray14", data_dir=tmp, image_size=32, labels="all")
     assert every.class_names == tuple(NIH_FINDINGS)
@@ -475,6 +479,7 @@ def test_nih_downloads_and_checks_archives_when_there_are_no_images(tmp_path):
         return {k: NIH_DIR / url.rsplit("/", 1)[-1] for k, url in urls.items()}
 
     with mock.patch.object(tfds.download.DownloadManager, "download", fake_download), \
+            mock.patch.object(builder_utils, "unreachable", lambda url: None), \
             mock.patch.object(nih_builder_module, "ARCHIVES", fake):
         assert len(prepare_tmp(tmp_path, manual, name="nih_chestxray14")) == 120
         broken = (fake[0], dataclasses.replace(fake[1], md5="0" * 32))
@@ -504,7 +509,7 @@ def test_prepare_rejects_bad_arguments_by_name(tmp_path):
     with pytest.raises(ValueError, match="labels must be None"):
         data.prepare("isic2019", data_dir=tmp_path, labels=["MEL"])
     with pytest.raises(DataError, match="not prepared"):
-        data.prepare("isic2019", data_dir=tmp_path, image_size=32, download=False)
+        data.prepare("isic2019", data_dir=tmp_path, image_size=32, prepare_if_missing=False)
 
 
 def test_sample_files_are_small_and_regenerate_identically(tmp_path):

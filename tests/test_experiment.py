@@ -44,7 +44,7 @@ def test_overrides_parse_by_field_type():
         "optim.epochs": "7", "distill.tau": "2.5", "data.labels": "A, B", "distill.normalize": "none",
         "distill.per_example": "true", "optim.milestones": "3,5"})
     assert (cfg.optim.epochs, cfg.distill.tau, cfg.data.labels) == (7, 2.5, ("A", "B"))
-    assert cfg.distill.normalize is None and cfg.distill.per_example is True
+    assert cfg.distill.normalize == "none" and cfg.distill.per_example is True  # the paper's Exp(1)
     assert cfg.optim.milestones == (3, 5)
 
 
@@ -70,7 +70,10 @@ def test_paper_values_are_the_defaults():
     assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.milestones) == (50, 64, (25, 40))
     assert (cfg.distill.tau, cfg.distill.alpha, cfg.distill.warmup_epochs) == (0.5, 0.9, 10)
     assert (cfg.teachers.overlap, len(cfg.teachers.architectures)) == (0.4, 5)
-    assert cfg.distill.weighting == "exponential" and cfg.distill.normalize is None
+    assert cfg.distill.weighting == "exponential"
+    # Deliberate deviation: Exp(1) draws divided by their sum (baseline III's KD strength); the
+    # paper's unnormalised formula collapsed the student at the same learning rate (README).
+    assert cfg.distill.normalize == "sum1"
 
 
 def test_cli_stages_and_teacher_option():
@@ -89,11 +92,11 @@ def test_cli_stages_and_teacher_option():
 def test_workdir_refuses_another_configuration(tmp_path):
     wd = Workdir(tmp_path)
     cfg = lesion.get_config(smoke=True)
-    check_config(wd, C.to_dict(cfg))
-    check_config(wd, C.to_dict(cfg))  # same config: fine
+    check_config(wd.root, C.to_dict(cfg))
+    check_config(wd.root, C.to_dict(cfg))  # same config: fine
     other = C.apply_overrides(cfg, {"distill.tau": "4"})
     with pytest.raises(WorkdirConflictError, match="distill.tau"):
-        check_config(wd, C.to_dict(other))
+        check_config(wd.root, C.to_dict(other))
 
 
 # --- whole runs -------------------------------------------------------------------------------

@@ -5,13 +5,21 @@ returns a random-access source of the decoded examples plus, as NumPy arrays for
 examples, the labels, the grouping key of the splits and the per-example metadata. Those
 arrays come from `builder.columns()`: read once with the images left encoded and cached
 next to the TFDS files, so opening NIH's 112k examples again takes milliseconds.
+
+Several processes may call `prepare` on one data_dir at once (one job per teacher): the
+first prepares while holding an exclusive lock on <data_dir>/<name>/.<config>.lock, the
+others wait for it and then open its result. A dataset already prepared in a read-only
+data_dir opens without writing anything (its column cache is then only skipped).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import logging
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -22,6 +30,10 @@ from rosjax.data.builder_utils import DataError
 _BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14}
 DATASETS = tuple(_BUILDERS)
 _SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
+# --data.download: "auto" downloads public input files missing from the manual directory,
+# "never" fails at once naming them.
+DOWNLOAD_MODES = ("auto", "never")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +64,8 @@ def sample_dir(name: str) -> pathlib.Path:
 
 
 def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
-            image_size: int | None = None, download: bool = True,
-            labels: str | Sequence[str] | None = None,
+            image_size: int | None = None, prepare_if_missing: bool = True,
+            download: str = "auto", labels: str | Sequence[str] | None = None,
             skip_corrupt_images: bool = False) -> PreparedDataset:
     """Prepares (if needed) and opens dataset `name` stored in `data_dir`.
 
@@ -62,8 +74,11 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
       data_dir: the TFDS data directory (prepared data goes to <data_dir>/<name>/<size>/).
       manual_dir: where the input files are (default <data_dir>/downloads/manual/).
       image_size: one of the builder's sizes (32, 64, 96, 128, 224, 256); None = 256.
-      download: False only opens an already prepared dataset (error if there is none);
-        True prepares it first when needed, from manual_dir or by downloading.
+      prepare_if_missing: False only opens an already prepared dataset (DataError if there
+        is none); True prepares it first when needed, from manual_dir or by downloading.
+      download: 'auto' downloads input files missing from manual_dir (where they have a
+        public URL); 'never' fails at once with a DataError naming the missing files and
+        manual_dir (no network access).
       labels: NIH only: the findings of the task, in order; None = the 8 ChestX-ray8
         labels, 'all' = all 14. ISIC takes None (its 8 classes).
       skip_corrupt_images: while preparing, leave unreadable images out instead of failing
@@ -74,16 +89,27 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
     if size not in module.IMAGE_SIZES:
         raise ValueError(f"{name} has no image_size={image_size}; choose one of "
                          f"{module.IMAGE_SIZES}.")
+    if download not in DOWNLOAD_MODES:
+        raise ValueError(f"download={download!r}: expected one of {DOWNLOAD_MODES} (to only "
+                         "open a prepared dataset pass prepare_if_missing=False).")
     selected = _select_labels(name, labels)
-    builder = module.Builder(config=str(size), data_dir=os.fspath(data_dir),
-                             file_format="array_record", skip_corrupt_images=skip_corrupt_images)
+
+    def make_builder():
+        return module.Builder(config=str(size), data_dir=os.fspath(data_dir),
+                              file_format="array_record", skip_corrupt_images=skip_corrupt_images,
+                              allow_download=download == "auto")
+
+    builder = make_builder()
     if not builder.is_prepared():
-        if not download:
+        if not prepare_if_missing:
             raise DataError(f"{name} at {size} px is not prepared in {data_dir}; call "
-                            "prepare(..., download=True) to build it.")
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-            try_download_gcs=False))
+                            "prepare(..., prepare_if_missing=True) to build it.")
+        with _preparation_lock(pathlib.Path(data_dir) / name, str(size)):
+            builder = make_builder()  # another process may have prepared it meanwhile
+            if not builder.is_prepared():
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+                    try_download_gcs=False))
     source = builder.as_data_source(split="train")
     columns = builder.columns()
     if name == "isic2019":
@@ -103,6 +129,33 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
         metadata={"all_labels": all_labels,
                   **{k: columns[k] for k in ("image_id", "follow_up", "view_position", "age",
                                              "sex")}})
+
+
+@contextlib.contextmanager
+def _preparation_lock(folder: pathlib.Path, config: str) -> Iterator[None]:
+    """Holds an exclusive flock on <folder>/.<config>.lock (blocking until it is free).
+
+    A folder that cannot be written is a DataError naming it (preparation writes there).
+    """
+    path = folder / f".{config}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DataError(
+            f"{folder.name} at {config} px is not prepared in {folder.parent} and cannot be "
+            f"prepared there: {folder} is not writable ({type(e).__name__}: {e}). Pass a "
+            "writable --data.data_dir (or prepare it once where it can be written and copy "
+            "the folder).") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another process preparing %s (lock %s).", folder, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _check_name(name: str) -> str:

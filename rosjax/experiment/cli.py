@@ -1,7 +1,7 @@
 """Command line shared by `python -m experiments.lesion` and `python -m experiments.nih_cxr`.
 
     python -m experiments.lesion [--smoke] [--workdir DIR] [--stage STAGES] [--teacher I]
-                                 [--<section>.<field>=VALUE ...]
+                                 [--verbose] [--debug] [--<field>=VALUE] [--<section>.<field>=VALUE ...]
 
 `--stage` takes a comma-separated list of stages (default `all`):
   data        prepare the dataset, the split and the teacher subsets
@@ -12,27 +12,69 @@
   folds       NIH: three split seeds, per-class AUROC mean ± std (Table III)
   report      write report.json and report.md
 Every stage skips work whose output is complete, so rerunning a command resumes it.
+
+Every option is checked before anything is written; a user error (bad option, bad data,
+missing files, a work directory of another configuration) prints one line naming the culprit
+and exits with status 2 (`--debug` shows the traceback). The console gets one line per stage
+and per epoch; `--verbose` adds the INFO records of JAX, Orbax and TFDS.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
+import traceback
 from typing import Callable
 
 from rosjax import config as config_lib
+from rosjax.errors import UserError
 
 STAGES = ("data", "teachers", "settings", "evaluate", "sweeps", "folds", "report")
 SETTINGS = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "rosjax")
 
 
+def _program_name(get_config: Callable) -> str:
+    """`python -m experiments.lesion`, also when the module runs as `__main__`."""
+    module = sys.modules.get(get_config.__module__)
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None else get_config.__module__
+    return f"python -m {name}"
+
+
+def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """`--field=VALUE`, `--field VALUE`, `--section.field=VALUE` tokens as {path: text}."""
+    top_level = {f.name for f in dataclasses.fields(config_lib.ExperimentConfig)}
+    overrides, i = {}, 0
+    while i < len(rest):
+        token = rest[i]
+        name = token[2:].split("=", 1)[0]
+        if not token.startswith("--") or ("." not in name and name not in top_level):
+            parser.error(f"unrecognised argument {token!r}; config fields look like --seed=1 or --optim.epochs=5")
+        if "=" in token:
+            value = token.split("=", 1)[1]
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value = rest[i + 1]
+            i += 1
+        else:
+            parser.error(f"{token} needs a value")
+        overrides[name] = value
+        i += 1
+    return overrides
+
+
 def parse_args(argv: list[str], get_config: Callable[..., config_lib.ExperimentConfig]):
-    """Returns (config, workdir, stages, settings, teacher) from the command line."""
+    """Returns (config, workdir, stages, settings, teacher, flags) from the command line.
+
+    `flags` holds `verbose` and `debug`. Only the syntax is checked here; `check_options`
+    checks the values.
+    """
     parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{get_config.__module__.rsplit('.', 1)[-1]}",
+        prog=_program_name(get_config),
         description=(get_config.__module__ and sys.modules[get_config.__module__].__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any config field can be overridden as --section.field=VALUE (see get_config()).")
+        epilog="Any config field can be set as --field=VALUE or --section.field=VALUE (see get_config()).")
     parser.add_argument("--smoke", action="store_true",
                         help="small run of the whole pipeline on the bundled sample files")
     parser.add_argument("--workdir", default=None, help="work directory (default: ./work/<experiment>)")
@@ -40,23 +82,10 @@ def parse_args(argv: list[str], get_config: Callable[..., config_lib.ExperimentC
                         help=f"comma-separated stages among {', '.join(STAGES)}, setting names, or 'all'")
     parser.add_argument("--teacher", type=int, default=None,
                         help="train only teacher I (0-based) and stop; for one cluster job per teacher")
+    parser.add_argument("--verbose", action="store_true", help="also show JAX, Orbax and TFDS INFO records")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args, rest = parser.parse_known_args(argv)
-
-    overrides = {}
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--") or "." not in token:
-            parser.error(f"unrecognised argument {token!r}; overrides look like --optim.epochs=5")
-        if "=" in token:
-            key, value = token[2:].split("=", 1)
-        elif i + 1 < len(rest):
-            key, value = token[2:], rest[i + 1]
-            i += 1
-        else:
-            parser.error(f"{token} needs a value")
-        overrides[key] = value
-        i += 1
+    overrides = _split_overrides(rest, parser)
 
     cfg = get_config(smoke=args.smoke)
     try:
@@ -81,7 +110,7 @@ def parse_args(argv: list[str], get_config: Callable[..., config_lib.ExperimentC
                          f"{len(cfg.teachers.architectures)} teachers (0..{len(cfg.teachers.architectures) - 1})")
         stages = ["data", "teachers"]
     workdir = args.workdir or f"work/{cfg.name}{'-smoke' if cfg.smoke else ''}"
-    return cfg, workdir, stages, settings, args.teacher
+    return cfg, workdir, stages, settings, args.teacher, {"verbose": args.verbose, "debug": args.debug}
 
 
 def enable_compilation_cache() -> None:
@@ -98,17 +127,54 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str] | None = None) -> int:
-    """Entry point of an experiment module; returns the process exit status."""
-    from rosjax.data import DataError  # noqa: PLC0415 (keeps --help fast)
-    from rosjax.experiment import runner  # noqa: PLC0415
-    from rosjax.experiment.workdir import WorkdirConflictError  # noqa: PLC0415
+class _QuietLibraries(logging.Filter):
+    """Passes rosjax's records, and other libraries' (JAX, Orbax/absl, TFDS) from WARNING up."""
 
-    cfg, workdir, stages, settings, teacher = parse_args(sys.argv[1:] if argv is None else argv, get_config)
-    enable_compilation_cache()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("rosjax") or record.levelno >= logging.WARNING
+
+
+def configure_logging(verbose: bool) -> None:
+    """The application's console: `HH:MM:SS message` on stderr; libraries quiet unless `verbose`.
+
+    Only the CLI calls this: the library itself never configures the root logger.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    if not verbose:
+        handler.addFilter(_QuietLibraries())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for name in ("absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose and not sys.stderr.isatty():
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+
+        tfds.disable_progress_bar()  # bars only on a terminal
+
+
+def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str] | None = None) -> int:
+    """Entry point of an experiment module; returns the process exit status.
+
+    2: a user error, printed as `error: ...` lines (with the traceback under `--debug`);
+    130: interrupted (rerun the same command to resume).
+    """
+    cfg, workdir, stages, settings, teacher, flags = parse_args(sys.argv[1:] if argv is None else argv, get_config)
+    configure_logging(flags["verbose"])
     try:
+        from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)
+
+        runner.check(cfg, workdir, stages=stages, settings=settings, known_settings=SETTINGS)
+        enable_compilation_cache()
         runner.run(cfg, workdir, stages=stages, settings=settings, teacher=teacher)
-    except (DataError, WorkdirConflictError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        if flags["debug"]:
+            traceback.print_exc()
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume from {workdir}", file=sys.stderr)
+        return 130
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from rosjax.config import ExperimentConfig
-from rosjax.data import datasets, noise, pipeline, splits
+from rosjax.data import DataError, datasets, noise, pipeline, splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +42,20 @@ def load(cfg: ExperimentConfig, *, split_seed: int | None = None, overlap: float
     d = cfg.data
     ds = datasets.prepare(d.dataset, data_dir=os.path.expanduser(d.data_dir),
                           manual_dir=d.manual_dir and os.path.expanduser(d.manual_dir),
-                          image_size=d.stored_size, labels=d.labels or None)
+                          image_size=d.stored_size, labels=d.labels or None,
+                          download=d.download, skip_corrupt_images=d.skip_corrupt_images)
     seed = d.split_seed if split_seed is None else split_seed
     if d.split == "grouped":
         split = splits.grouped_split(ds.groups, ds.labels, fractions=d.fractions, seed=seed)
     elif d.split == "official":
         if ds.official_test is None:
-            raise ValueError(f"--data.split=official: dataset {d.dataset} has no official test list")
+            raise DataError(f"--data.split=official: the prepared {d.dataset} has no official test list "
+                            f"(test_list.txt was not in {d.manual_dir})")
         split = splits.official_split(ds.official_test, ds.groups, ds.labels,
                                       validation_fraction=d.fractions[1] / (d.fractions[0] + d.fractions[1]),
                                       seed=seed)
     else:
-        raise ValueError(f"--data.split={d.split!r}: expected 'grouped' or 'official'")
+        raise AssertionError(f"unchecked --data.split={d.split!r}")  # validate.check_options rejects it
 
     noisy = None
     train_labels = ds.labels

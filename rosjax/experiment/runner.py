@@ -15,26 +15,41 @@ from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
 from rosjax.experiment import data as data_lib
-from rosjax.experiment import evaluation, training
+from rosjax.experiment import evaluation, training, validate
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 from rosjax.train import parallel
 
 log = logging.getLogger(__name__)
 
 
+def check(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
+          known_settings: Sequence[str]) -> None:
+    """Checks every option against the stages (ConfigError) and the work directory's recorded
+    configuration (WorkdirConflictError), before anything is written."""
+    root = Workdir.resolve(workdir)
+    validate.check_options(cfg, stages=stages, settings=settings, known_settings=known_settings,
+                           devices=jax.device_count(), workdir=root)
+    check_config(root, config_lib.to_dict(cfg), write=False)
+
+
 def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
         teacher: int | None = None) -> dict | None:
-    """Runs `stages` of the experiment `cfg` in `workdir`; returns the report when it was written."""
+    """Runs `stages` of the experiment `cfg` in `workdir`; returns the report when it was written.
+
+    The configuration is recorded in `config.json` only once the dataset is ready and every
+    training set of the requested stages fills a batch, so a run refused at start-up leaves
+    the work directory free for the corrected command.
+    """
     parallel.maybe_initialize_distributed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     wd = Workdir(workdir)
-    check_config(wd, config_lib.to_dict(cfg))
     mesh = parallel.make_mesh()
     started = time.perf_counter()
     log.info("experiment %s in %s on %d %s device(s); stages: %s", cfg.name, wd.root, jax.device_count(),
              jax.devices()[0].platform, ", ".join(stages))
 
     data = data_lib.load(cfg)
+    validate.check_batches(cfg, lambda **point: data if not point else data_lib.load(cfg, **point), stages=stages)
+    check_config(wd.root, config_lib.to_dict(cfg))
     write_json(wd.path("data", "summary.json"), data_lib.summary(data, cfg))
     if "teachers" in stages:
         indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))

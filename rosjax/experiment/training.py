@@ -16,13 +16,19 @@ import jax
 from rosjax.config import ExperimentConfig
 from rosjax.distill import cache as cache_lib
 from rosjax.distill import rl_trainer, trainer
+from rosjax.eval import collapse
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
+from rosjax.errors import UserError
 from rosjax.experiment.workdir import Workdir, done, mark_done
 from rosjax.models import pretrained
 from rosjax.train import classifier, evaluate, loop, parallel
 
 log = logging.getLogger(__name__)
+
+
+class MissingStageError(UserError):
+    """A stage needs the output of one that has not run (e.g. a student before its teachers)."""
 
 # Settings that distil from teachers, and how they weight them.
 KD_WEIGHTING = {"baseline_ii": "equal", "baseline_iii": "equal", "rosjax": "exponential"}
@@ -89,13 +95,8 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
 
 def pretrained_path(cfg: ExperimentConfig, index: int) -> str | None:
     """The torchvision-layout weight file teacher `index` starts from, or None (from scratch)."""
-    files = cfg.teachers.pretrained
-    if files and len(files) != len(cfg.teachers.architectures):
-        raise ValueError(f"--teachers.pretrained has {len(files)} entries for {len(cfg.teachers.architectures)} "
-                         "teachers: give one per teacher (an empty entry trains that one from scratch)")
+    files = cfg.teachers.pretrained  # one per teacher, checked by validate.check_options
     path = files[index] if files else ""
-    if path and not pathlib.Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"--teachers.pretrained: no weight file {path} for teacher {index}")
     return str(pathlib.Path(path).expanduser()) if path else None
 
 
@@ -115,7 +116,7 @@ def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tup
         architecture = cfg.teachers.architectures[i]
         folder = wd.teacher_dir(i, architecture)
         if done(folder) is None:
-            raise RuntimeError(f"teacher {i} ({architecture}) has not finished: run "
+            raise MissingStageError(f"teacher {i} ({architecture}) has not finished in {wd.root}: run "
                                f"`--stage teachers` (or `--teacher {i}`) with this work directory first")
         model, variables, _ = artifacts.load_setting(wd.root, f"teacher:{i}", parallel.replicated(mesh))
         teachers.append((model.apply, variables))
@@ -126,10 +127,7 @@ def teacher_indices(cfg: ExperimentConfig, setting: str) -> list[int]:
     """Which teachers a setting distils from."""
     if setting == "baseline_i":
         return []
-    if setting == "baseline_ii":
-        if cfg.teachers.single_teacher not in cfg.teachers.architectures:
-            raise ValueError(f"--teachers.single_teacher={cfg.teachers.single_teacher!r} is not among "
-                             f"--teachers.architectures={','.join(cfg.teachers.architectures)}")
+    if setting == "baseline_ii":  # single_teacher is among the architectures (validate.check_options)
         return [cfg.teachers.architectures.index(cfg.teachers.single_teacher)]
     return list(range(len(cfg.teachers.architectures)))
 
@@ -148,8 +146,6 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     artifacts.write_spec(folder, spec)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
-    if cfg.distill.teacher_outputs not in ("online", "cached"):
-        raise ValueError(f"--distill.teacher_outputs={cfg.distill.teacher_outputs!r}: expected online or cached")
     indices = teacher_indices(cfg, setting)
     teachers = load_teachers(cfg, teachers_wd or wd, indices, mesh)
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
@@ -177,7 +173,7 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     else:
         kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=KD_WEIGHTING.get(setting, "equal"),
                             per_example=d.per_example if setting == "rosjax" else False,
-                            normalize=d.normalize if setting == "rosjax" else None)
+                            normalize=d.normalize if setting == "rosjax" else "sum1")
         smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
                                      recalibration_batches=d.recalibration_batches)
                   if setting == "rosjax" else None)
@@ -186,6 +182,9 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                               cached_teacher_outputs=cached, **common)
     record = {"setting": setting, "teachers": indices, "student": cfg.distill.student,
               "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
+    if symptoms := collapse.gradient_symptoms(collapse.grad_norms_from_file(folder / loop.METRICS_FILE)):
+        log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))
+        record["collapsed"] = symptoms
     mark_done(folder, record)
     return record
 

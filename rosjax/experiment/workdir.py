@@ -4,7 +4,7 @@ Layout (documented in the README):
 
     WORKDIR/
       config.json                      the resolved ExperimentConfig
-      data/split.json                  split and teacher-subset indices, sizes, group overlap
+      data/summary.json                split sizes, groups shared between splits, teacher subsets
       teachers/<i>-<arch>/             one teacher: ckpt/ (Orbax), metrics.jsonl, final/, DONE.json
       settings/<setting>/              one student setting (baseline_i, ..., rosjax): same files
       eval/<setting>.json              test metrics, attacks
@@ -20,15 +20,23 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 from typing import Any
+
+from rosjax.errors import UserError
 
 
 class Workdir:
     """Paths of an experiment's work directory; creates folders on demand."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = pathlib.Path(root).expanduser().resolve()
+        self.root = self.resolve(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def resolve(root: str | os.PathLike) -> pathlib.Path:
+        """The absolute path of a work directory, without creating it."""
+        return pathlib.Path(root).expanduser().resolve()
 
     def path(self, *parts: str) -> pathlib.Path:
         """`root/parts...`, creating the parent folder."""
@@ -51,8 +59,10 @@ class Workdir:
 
 def write_json(path: pathlib.Path, payload: Any) -> None:
     """Writes JSON atomically: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    # A unique temporary name: concurrent jobs (one per teacher) write the same files.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -71,26 +81,49 @@ def done(folder: pathlib.Path) -> dict[str, Any] | None:
     return read_json(marker) if marker.exists() else None
 
 
-class WorkdirConflictError(ValueError):
+class WorkdirConflictError(UserError, ValueError):
     """The work directory belongs to a run with another configuration."""
 
 
-def check_config(wd: Workdir, config: dict[str, Any]) -> None:
-    """Records `config` in `wd/config.json`, or refuses a different one already recorded there.
+# Fields that do not change any number a run produces: where files are, how much is logged,
+# how often a resumable checkpoint is taken, how many decode workers and evaluation images per
+# batch (evaluation runs in inference mode, one example independent of the next). A rerun may
+# change them; every other field must match the recorded configuration.
+NOT_RESULT_FIELDS = frozenset({
+    "data.data_dir", "data.manual_dir", "data.download", "data.num_workers", "data.eval_batch_size",
+    "distill.cache_batch_size", "checkpoint_every_steps", "log_every_steps", "settings"})
+
+
+def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = True) -> None:
+    """Records `config` in `root/config.json`, or refuses one that differs in a result field.
 
     A resumed run must use the configuration it started with; mixing two in one work
-    directory would silently combine incompatible checkpoints and results.
+    directory would silently combine incompatible checkpoints and results. Fields of
+    `NOT_RESULT_FIELDS` may differ (the recorded file is updated to the latest values).
+    `write=False` only checks.
     """
     config = json.loads(json.dumps(config))  # tuples -> lists, as they are stored
-    path = wd.path("config.json")
-    if not path.exists():
+    path = pathlib.Path(root) / "config.json"
+    if path.exists():
+        try:
+            previous = read_json(path)
+        except json.JSONDecodeError as err:
+            raise WorkdirConflictError(f"{path} is damaged ({err.msg} at line {err.lineno}); restore it, or "
+                                       "delete it to adopt this run's options") from None
+        changed = sorted(k for k in _diff(previous, config) if k not in NOT_RESULT_FIELDS)
+        if changed:
+            shown = ", ".join(f"{k} {_get(previous, k)!r} -> {_get(config, k)!r}" for k in changed[:6])
+            raise WorkdirConflictError(f"{root} holds a run of another configuration ({shown}); "
+                                       "use a new --workdir or the original options")
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, config)
-        return
-    previous = read_json(path)
-    if previous != config:
-        changed = ", ".join(sorted(_diff(previous, config)))
-        raise WorkdirConflictError(f"{wd.root} holds a run of another configuration (changed: {changed}); "
-                         "use a new --workdir or the original options")
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

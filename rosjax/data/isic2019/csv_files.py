@@ -4,20 +4,32 @@
 rows of '0.0'/'1.0' strings (re-saved copies with '0'/'1' also parse), CRLF line endings,
 the UNK column always 0. `ISIC_2019_Training_Metadata.csv`:
 `image,age_approx,anatom_site_general,lesion_id,sex`, every field but `image` may be empty.
-Both list the same 25,331 images. Anything else is a DataError naming the file and line.
+Both list the same 25,331 images. Anything else is a DataError naming the file and line,
+except metadata values outside their known sets, which are stored as unknown and counted in
+one logged warning per file and column: an age_approx outside 0..MAX_AGE years (-1), a sex
+other than male/female or a site outside SITES (''; matched ignoring case).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import pathlib
 
-from rosjax.data.builder_utils import DataError, read_csv
+from rosjax.data.builder_utils import DataError, UnknownValues, read_csv
+
+log = logging.getLogger(__name__)
 
 # The eight training classes in the challenge's column order (= the stored label index).
 CLASS_NAMES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 # The test-time "unknown" class: a column of the ground truth, never set in training data.
 UNKNOWN_CLASS = "UNK"
 METADATA_COLUMNS = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")
+# The known metadata values (the 2019 release's); anything else is stored as unknown ('').
+SEXES = ("male", "female")
+SITES = ("anterior torso", "head/neck", "lateral torso", "lower extremity", "oral/genital",
+         "palms/soles", "posterior torso", "upper extremity")
+MAX_AGE = 150  # years; ages outside 0..MAX_AGE are stored as unknown (-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +88,37 @@ def read_metadata(path: pathlib.Path) -> dict[str, tuple[str, int, str, str]]:
         raise DataError(f"{path} line 1: unknown column layout {header}; expected the "
                         f"columns {','.join(METADATA_COLUMNS)} (the ISIC 2019 metadata).")
     col = {name: header.index(name) for name in METADATA_COLUMNS}
+    sexes = UnknownValues(path, "sex", SEXES)
+    sites = UnknownValues(path, "anatom_site_general", SITES)
+    bad_ages: list[tuple[int, str]] = []
     out: dict[str, tuple[str, int, str, str]] = {}
     for line, row in rows:
         if len(row) != len(header):
             raise DataError(f"{path} line {line}: {len(row)} fields, expected {len(header)}.")
         image, age_text = row[col["image"]], row[col["age_approx"]]
         try:
-            age = int(float(age_text)) if age_text else -1
+            value = float(age_text) if age_text else -1.0
         except ValueError:
+            value = math.nan
+        if math.isnan(value):
             raise DataError(f"{path} line {line} (image {image}): age_approx "
-                            f"{age_text!r} is not a number.") from None
+                            f"{age_text!r} is not a number.")
+        age = -1
+        if age_text:
+            if 0 <= value <= MAX_AGE:
+                age = int(value)
+            else:
+                bad_ages.append((line, age_text))
         if image in out:
             raise DataError(f"{path} line {line}: image {image} is listed twice.")
-        out[image] = (row[col["lesion_id"]], age, row[col["anatom_site_general"]],
-                      row[col["sex"]])
+        out[image] = (row[col["lesion_id"]], age, sites.get(row[col["anatom_site_general"]], line),
+                      sexes.get(row[col["sex"]], line))
+    if bad_ages:
+        log.warning("%s: %d rows have an age_approx outside 0..%d (%s); stored as unknown (-1).",
+                    path, len(bad_ages), MAX_AGE,
+                    ", ".join(f"line {n}: {v!r}" for n, v in bad_ages[:5]))
+    sexes.log()
+    sites.log()
     return out
 
 

@@ -88,6 +88,13 @@ class Builder(builder_utils.ResizedImageBuilder):
     def _split_generators(self, dl_manager):
         root = self.manual_root
         found = builder_utils.index_files(root, (".jpg", ".jpeg", ".csv", ".zip"))
+        if not self._allow_download:
+            missing = [n for n in (IMAGES_ZIP, GROUND_TRUTH_CSV, METADATA_CSV) if n not in found]
+            if IMAGES_ZIP in missing and any(n.lower().endswith((".jpg", ".jpeg"))
+                                             for n in found):
+                missing.remove(IMAGES_ZIP)  # extracted images (checked against the CSV below)
+            if missing:
+                raise self.missing_inputs_error(missing)
         records = read_records(self._input(found, GROUND_TRUTH_CSV, dl_manager),
                                self._input(found, METADATA_CSV, dl_manager))
         loose = {os.path.splitext(name)[0]: paths[0] for name, paths in found.items()
@@ -107,6 +114,8 @@ class Builder(builder_utils.ResizedImageBuilder):
         """The manual directory's copy of `filename` (shallowest), else a download."""
         if filename in found:
             return found[filename][0]
+        if not self._allow_download:
+            raise self.missing_inputs_error([filename])
         return builder_utils.download_first(
             dl_manager, filename, [host + filename for host in HOSTS],
             hint=f"Offline, put {filename} in the manual directory {self.manual_root} "
@@ -140,7 +149,7 @@ class Builder(builder_utils.ResizedImageBuilder):
                     seen.add(stem)
                     name = f"{zip_path}:{info.filename}"
                     try:
-                        data = zf.read(info)
+                        data = builder_utils.read_zip_member(zf, info, zip_path)
                     except (zipfile.BadZipFile, zlib.error, OSError) as e:
                         raise DataError(f"{name} cannot be read from the zip ({e}); the zip is "
                                         "damaged, delete it and download it again.") from e

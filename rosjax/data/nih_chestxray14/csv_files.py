@@ -10,17 +10,23 @@ The label table comes in (at least) these variants, all accepted:
 Columns are found by name; the bracketed `OriginalImage[Width,Height]` headers split on
 their comma into four names, which are accepted and ignored. Any other column, a label
 outside the 14 findings + 'No Finding', or a malformed value is a DataError naming the
-file and line.
+file and line (also a Follow-up # outside 0..2^31-1). Values outside their known sets are
+stored as unknown and counted in one logged warning per file and column: an age outside
+0..MAX_AGE years (the 2017 table has a few like '414Y') as -1, a sex other than M/F or a
+view position other than PA/AP as '' (matched ignoring case).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import re
 
 import numpy as np
 
-from rosjax.data.builder_utils import DataError, read_csv
+from rosjax.data.builder_utils import DataError, UnknownValues, decode_text, read_csv
+
+log = logging.getLogger(__name__)
 
 # The 14 findings in the order of the NIH papers and CheXNet (the stored multi-hot order).
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
@@ -40,6 +46,10 @@ _IGNORED = ("OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]
 _IMAGE_NAME = re.compile(r"^(\d{8})_\d{3}\.png$")
 _AGE = re.compile(r"^(\d+)([YMD]?)$", re.IGNORECASE)
 _DAYS_PER_UNIT = {"": 365, "Y": 365, "M": 30, "D": 1}
+SEXES = ("M", "F")
+VIEW_POSITIONS = ("PA", "AP")
+MAX_AGE = 150  # years; ages above are stored as unknown (-1)
+_INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +60,9 @@ class NihRecord:
     labels: tuple[str, ...]     # findings among LABEL_NAMES; () for 'No Finding'
     follow_up: int
     patient_id: str             # 8 digits, zero-padded
-    age: int                    # years (month/day ages of infants round down to 0)
-    sex: str                    # 'M' / 'F'
-    view_position: str          # 'PA' / 'AP'
+    age: int                    # years (month/day ages of infants round down to 0); -1 unknown
+    sex: str                    # 'M' / 'F'; '' unknown
+    view_position: str          # 'PA' / 'AP'; '' unknown
 
 
 def multi_hot(labels: tuple[str, ...]) -> np.ndarray:
@@ -78,6 +88,9 @@ def read_label_csv(path: pathlib.Path) -> list[NihRecord]:
     sex_col = header.index(sex_columns[0])
     records: list[NihRecord] = []
     seen: set[str] = set()
+    sexes = UnknownValues(path, header[sex_col], SEXES)
+    views = UnknownValues(path, "View Position", VIEW_POSITIONS)
+    bad_ages: list[tuple[int, str]] = []
     for line, row in rows:
         while len(row) > len(header) and not row[-1]:
             row.pop()  # the trailing comma of some variants
@@ -109,25 +122,40 @@ def read_label_csv(path: pathlib.Path) -> list[NihRecord]:
                             "integer nor like '058Y' / '011M' / '004D'.")
         if patient != int(name_match.group(1)):
             raise DataError(f"{where}: Patient ID {patient} does not match the image name.")
+        if not 0 <= follow_up <= _INT32_MAX:
+            raise DataError(f"{where}: Follow-up # {follow_up} is outside 0..{_INT32_MAX}.")
         years = int(age.group(1)) * _DAYS_PER_UNIT[age.group(2).upper()] // 365
+        if years > MAX_AGE:
+            bad_ages.append((line, row[col["Patient Age"]]))
+            years = -1
         records.append(NihRecord(
             image_id=image, labels=labels, follow_up=follow_up, patient_id=f"{patient:08d}",
-            age=years, sex=row[sex_col], view_position=row[col["View Position"]]))
+            age=years, sex=sexes.get(row[sex_col], line),
+            view_position=views.get(row[col["View Position"]], line)))
     if not records:
         raise DataError(f"{path} has a header but no rows.")
+    if bad_ages:
+        log.warning("%s: %d rows have a Patient Age above %d years (%s); stored as unknown "
+                    "(-1).", path, len(bad_ages), MAX_AGE,
+                    ", ".join(f"line {n}: {v!r}" for n, v in bad_ages[:5]))
+    sexes.log()
+    views.log()
     return records
 
 
 def read_image_list(path: pathlib.Path) -> set[str]:
     """The image names of train_val_list.txt / test_list.txt (one per line)."""
     names = set()
-    with open(path, encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            name = text.strip()
-            if not name:
-                continue
-            if not _IMAGE_NAME.match(name):
-                raise DataError(f"{path} line {line}: {name!r} is not an image name like "
-                                "00000001_000.png.")
-            names.add(name)
+    try:
+        raw = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}).") from e
+    for line, text in enumerate(decode_text(raw, path).split("\n"), start=1):
+        name = text.strip()
+        if not name:
+            continue
+        if not _IMAGE_NAME.match(name):
+            raise DataError(f"{path} line {line}: {name!r} is not an image name like "
+                            "00000001_000.png.")
+        names.add(name)
     return names

@@ -88,18 +88,20 @@ def _archive_members(path: pathlib.Path, wanted: Callable[[str], bool]
     """Yields (member path, bytes) of the archive's files whose base name is `wanted`.
 
     Tar archives are streamed (no index, no extraction to disk); zip archives are read by
-    member. A damaged archive is a DataError naming it.
+    member. A damaged archive is a DataError naming it, and so is a wanted member above
+    builder_utils.MAX_MEMBER_BYTES (refused by its size in the header, before reading it).
     """
     try:
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     if not info.is_dir() and wanted(info.filename.rsplit("/", 1)[-1]):
-                        yield info.filename, zf.read(info)
+                        yield info.filename, builder_utils.read_zip_member(zf, info, path)
         else:
             with tarfile.open(path, mode="r|*") as tar:
                 for member in tar:
                     if member.isfile() and wanted(member.name.rsplit("/", 1)[-1]):
+                        builder_utils.check_member_size(path, member.name, member.size)
                         yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise DataError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}); delete "
@@ -165,6 +167,11 @@ class Builder(builder_utils.ResizedImageBuilder):
         archives = sorted((paths[0] for name, paths in found.items()
                            if _ARCHIVE_NAME.match(name)), key=lambda p: p.name)
         if not archives and not any(r.image_id in loose for r in records):
+            if not self._allow_download:
+                raise self.missing_inputs_error(
+                    [a.name for a in ARCHIVES],
+                    note=f"(or their extracted PNGs, e.g. images/{records[0].image_id}; "
+                         f"from {BOX_FOLDER})")
             archives = self._download_archives(dl_manager)
         self.info.metadata["label_csv"] = csv_path.name
         self.info.metadata["official_lists"] = official_test is not None
@@ -208,8 +215,11 @@ class Builder(builder_utils.ResizedImageBuilder):
     def _download_archives(self, dl_manager) -> list[pathlib.Path]:
         hint = (f"Offline, put images_001.tar.gz ... images_012.tar.gz (or the extracted "
                 f"images/ folder) from {BOX_FOLDER} in {self.manual_root}.")
+        if (reason := builder_utils.unreachable(ARCHIVES[0].url)) is not None:
+            raise DataError(f"Could not download the NIH image archives: {reason}. {hint}")
         try:
-            paths = dl_manager.download({a.name: a.url for a in ARCHIVES})
+            with builder_utils.few_download_retries():
+                paths = dl_manager.download({a.name: a.url for a in ARCHIVES})
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
             raise DataError(f"Could not download the NIH image archives "
                             f"({type(e).__name__}: {e}). {hint}") from e

@@ -1,0 +1,249 @@
+"""Start-up checks of an experiment: every option, and every training set against its batch.
+
+Options are checked before anything is written to the work directory, so a typo costs a
+second, not the hours of training that used to run before the first use of the option failed.
+Two passes:
+
+* `check_options(cfg, stages, settings, devices)` — the configuration alone: allowed values and
+  ranges of every field, architectures, batch sizes against the device count, warm-up and
+  milestones against the epochs, stages against settings. Milliseconds.
+* `check_batches(cfg, load, stages)` — once the dataset is prepared: every training set the
+  requested stages will use (each teacher's subset, the training split, each sweep point's and
+  each fold's subsets) must fill one batch. It recomputes subsets from seeds, decoding nothing.
+
+Each returns nothing or raises `ConfigError` with one line per bad option, each naming it as
+the user types it (`--distill.tau=0: must be > 0`).
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Callable, Sequence
+
+from rosjax.config import ExperimentConfig
+from rosjax.data import noise as noise_lib
+from rosjax.distill import weighting
+from rosjax.errors import UserError
+from rosjax.models import MODEL_NAMES
+
+ARCHITECTURES = (*MODEL_NAMES, "tiny_cnn")
+DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
+            "nih_chestxray14": {"channels": 1, "multilabel": True, "noise": ("flip",)}}
+# The stored sizes of both builders (rosjax.data.*.IMAGE_SIZES), kept here so that checking
+# options does not import TFDS.
+STORED_SIZES = (32, 64, 96, 128, 224, 256)
+
+
+class ConfigError(UserError, ValueError):
+    """One or more options are invalid; `str()` holds one line per bad option."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Problems:
+    """Collects one message per bad option."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def require(self, ok: bool, option: str, value, why: str) -> None:
+        if not ok:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            self.lines.append(f"--{option}={shown}: {why}")
+
+    def one_of(self, option: str, value, allowed: Sequence) -> None:
+        self.require(value in allowed, option, value, f"expected one of {', '.join(map(str, allowed))}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
+
+
+def check_options(cfg: ExperimentConfig, *, stages: Sequence[str], settings: Sequence[str],
+                  known_settings: Sequence[str], devices: int, workdir: pathlib.Path | None = None) -> None:
+    """Checks every field of `cfg` and the requested stages; raises ConfigError listing each bad one."""
+    p = _Problems()
+    _check_top(p, cfg, settings, known_settings)
+    _check_data(p, cfg, devices)
+    _check_optim(p, cfg, devices)
+    _check_teachers(p, cfg, settings)
+    _check_distill(p, cfg)
+    _check_evaluation(p, cfg)
+    _check_sweeps(p, cfg, stages, workdir)
+    p.raise_if_any()
+
+
+def _check_top(p: _Problems, cfg: ExperimentConfig, settings, known_settings) -> None:
+    p.require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
+    p.require(len(cfg.settings) > 0, "settings", cfg.settings, "name at least one setting")
+    for name in (*cfg.settings, *settings):
+        p.require(name in known_settings, "settings", name, f"unknown setting; valid: {', '.join(known_settings)}")
+    p.require(len(set(cfg.settings)) == len(cfg.settings), "settings", cfg.settings, "a setting is named twice")
+    p.require(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", cfg.checkpoint_every_steps,
+              "must be >= 0 (0: checkpoints at epoch ends only)")
+    p.require(cfg.log_every_steps >= 1, "log_every_steps", cfg.log_every_steps, "must be >= 1")
+
+
+def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
+    d = cfg.data
+    p.one_of("data.dataset", d.dataset, tuple(DATASETS))
+    facts = DATASETS.get(d.dataset)
+    p.require(d.stored_size is None or d.stored_size in STORED_SIZES, "data.stored_size", d.stored_size,
+              f"expected one of {', '.join(map(str, STORED_SIZES))}")
+    p.require(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8 px")
+    stored = d.stored_size or max(STORED_SIZES)
+    p.require(d.image_size <= stored, "data.image_size", d.image_size,
+              f"larger than the stored images ({stored} px, --data.stored_size)")
+    if d.dataset == "isic2019":
+        p.require(not d.labels, "data.labels", d.labels, "isic2019 has its 8 classes; leave --data.labels empty")
+    elif d.labels:
+        from rosjax.data.nih_chestxray14 import LABEL_NAMES  # noqa: PLC0415 (TFDS import, only when needed)
+        for label in d.labels:
+            p.require(label in LABEL_NAMES, "data.labels", label, f"unknown finding; valid: {', '.join(LABEL_NAMES)}")
+    p.one_of("data.split", d.split, ("grouped", "official"))
+    p.require(d.split != "official" or d.dataset == "nih_chestxray14", "data.split", d.split,
+              "only nih_chestxray14 has official lists")
+    p.require(len(d.fractions) == 3 and all(0 < f < 1 for f in d.fractions)
+              and math.isclose(sum(d.fractions), 1.0, abs_tol=1e-6), "data.fractions", d.fractions,
+              "three fractions (train, validation, test), each in (0, 1), summing to 1")
+    p.require(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
+    p.one_of("data.noise", d.noise, ("none", *noise_lib.MODES))
+    if facts is not None and d.noise != "none":
+        p.require(d.noise in facts["noise"], "data.noise", d.noise,
+                  f"{d.dataset} takes {' or '.join(facts['noise'])} noise")
+    p.require(0.0 <= d.noise_rate <= 1.0, "data.noise_rate", d.noise_rate, "must be in [0, 1]")
+    p.require(d.noise != "none" or d.noise_rate == 0.0, "data.noise_rate", d.noise_rate,
+              "needs --data.noise (symmetric, pair or flip)")
+    p.one_of("data.augment", d.augment, ("dermoscopy", "chest_xray"))
+    if facts is not None:
+        for field in ("pixel_mean", "pixel_std"):
+            value = getattr(d, field)
+            p.require(len(value) in (1, facts["channels"]), f"data.{field}", value,
+                      f"give 1 or {facts['channels']} values ({d.dataset} has {facts['channels']} channel(s))")
+    p.require(all(s > 0 for s in d.pixel_std), "data.pixel_std", d.pixel_std, "must be > 0")
+    p.require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check_batch(p, "data.eval_batch_size", d.eval_batch_size, devices)
+    p.one_of("data.download", d.download, ("auto", "never"))
+
+
+def _check_batch(p: _Problems, option: str, value: int, devices: int) -> None:
+    p.require(value >= 1, option, value, "must be >= 1")
+    p.require(value < 1 or value % devices == 0, option, value,
+              f"must divide by the {devices} devices (each device takes an equal share)")
+
+
+def _check_optim(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
+    o = cfg.optim
+    p.require(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    _check_batch(p, "optim.batch_size", o.batch_size, devices)
+    p.require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "must be > 0")
+    p.require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    p.require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    p.require(all(1 <= m <= o.epochs for m in o.milestones) and list(o.milestones) == sorted(set(o.milestones)),
+              "optim.milestones", o.milestones, f"increasing epochs in 1..{o.epochs} (--optim.epochs)")
+    p.require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
+
+
+def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
+    t = cfg.teachers
+    p.require(len(t.architectures) >= 1, "teachers.architectures", t.architectures, "name at least one teacher")
+    for arch in t.architectures:
+        p.one_of("teachers.architectures", arch, ARCHITECTURES)
+    p.require(0.0 <= t.overlap <= 1.0, "teachers.overlap", t.overlap, "must be in [0, 1]")
+    p.require(t.subset_seed >= 0, "teachers.subset_seed", t.subset_seed, "must be >= 0")
+    p.require(not t.pretrained or len(t.pretrained) == len(t.architectures), "teachers.pretrained", t.pretrained,
+              f"give one file per teacher ({len(t.architectures)}; an empty entry trains that one from scratch)")
+    for path in t.pretrained:
+        p.require(not path or pathlib.Path(path).expanduser().is_file(), "teachers.pretrained", path, "no such file")
+    if "baseline_ii" in (*cfg.settings, *settings):
+        p.require(t.single_teacher in t.architectures, "teachers.single_teacher", t.single_teacher,
+                  f"baseline II's teacher must be among --teachers.architectures ({','.join(t.architectures)})")
+
+
+def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
+    d, epochs = cfg.distill, cfg.optim.epochs
+    p.one_of("distill.student", d.student, ARCHITECTURES)
+    p.require(d.tau > 0, "distill.tau", d.tau, "the temperature must be > 0")
+    p.require(0 <= d.alpha <= 1, "distill.alpha", d.alpha, "must be in [0, 1]")
+    p.one_of("distill.weighting", d.weighting, ("exponential",))
+    p.one_of("distill.normalize", d.normalize, weighting.NORMALIZATIONS)
+    p.one_of("distill.teacher_outputs", d.teacher_outputs, ("online", "cached"))
+    p.require(d.cache_views >= 1, "distill.cache_views", d.cache_views, "must be >= 1")
+    p.require(d.cache_batch_size >= 1, "distill.cache_batch_size", d.cache_batch_size, "must be >= 1")
+    p.require(0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
+              f"must be in 0..{epochs - 1}: M_smooth averages the epochs after the warm-up (--optim.epochs={epochs})")
+    p.one_of("distill.bn_mode", d.bn_mode, ("recalibrate", "average"))
+    p.require(d.recalibration_batches >= 1, "distill.recalibration_batches", d.recalibration_batches, "must be >= 1")
+    p.require(0 <= d.rl_equal_epochs < epochs, "distill.rl_equal_epochs", d.rl_equal_epochs,
+              f"must be in 0..{epochs - 1}, or the agent never acts (--optim.epochs={epochs})")
+    p.require(d.rl_learning_rate > 0, "distill.rl_learning_rate", d.rl_learning_rate, "must be > 0")
+    p.require(0 <= d.rl_baseline_decay < 1, "distill.rl_baseline_decay", d.rl_baseline_decay, "must be in [0, 1)")
+
+
+def _check_evaluation(p: _Problems, cfg: ExperimentConfig) -> None:
+    e = cfg.evaluation
+    p.require(e.attack_eps > 0, "evaluation.attack_eps", e.attack_eps, "must be > 0")
+    p.one_of("evaluation.attack_norm", e.attack_norm, ("2", "inf"))
+    p.require(e.pgd_steps >= 1, "evaluation.pgd_steps", e.pgd_steps, "must be >= 1")
+    p.require(e.attack_examples >= 0, "evaluation.attack_examples", e.attack_examples,
+              "must be >= 0 (0: the whole test split)")
+    p.require(e.landscape_grid >= 3, "evaluation.landscape_grid", e.landscape_grid, "must be >= 3 points per axis")
+    p.require(e.landscape_examples >= 1, "evaluation.landscape_examples", e.landscape_examples, "must be >= 1")
+    p.require(e.landscape_seed >= 0, "evaluation.landscape_seed", e.landscape_seed, "must be >= 0")
+
+
+def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, workdir: pathlib.Path | None) -> None:
+    from rosjax.experiment.sweeps import COMPARED, WEIGHT_VARIANTS  # noqa: PLC0415
+
+    s = cfg.sweeps
+    for value in s.overlaps:
+        p.require(0.0 <= value <= 1.0, "sweeps.overlaps", value, "each overlap must be in [0, 1]")
+    for arch in s.students:
+        p.one_of("sweeps.students", arch, ARCHITECTURES)
+    for name in s.normalizations:
+        p.one_of("sweeps.normalizations", name, tuple(WEIGHT_VARIANTS))
+    p.require(len(s.fold_seeds) >= 1 and all(x >= 0 for x in s.fold_seeds)
+              and len(set(s.fold_seeds)) == len(s.fold_seeds), "sweeps.fold_seeds", s.fold_seeds,
+              "distinct split seeds >= 0")
+    if "sweeps" in stages:
+        # The sweeps compare against the main run's baseline III and RoS-KD.
+        evaluated = workdir is not None and all((workdir / "eval" / f"{n}.json").exists() for n in COMPARED)
+        will_train = {"settings", "evaluate"} <= set(stages) and set(COMPARED) <= set(cfg.settings)
+        p.require(evaluated or will_train, "stage", "sweeps",
+                  f"the sweeps compare against the main run: include {' and '.join(COMPARED)} in --settings "
+                  "and the stages settings,evaluate (or run them first)")
+
+
+def check_batches(cfg: ExperimentConfig, load: Callable, *, stages: Sequence[str]) -> None:
+    """Every training set the stages will use fills at least one batch of --optim.batch_size.
+
+    `load(split_seed=None, overlap=None)` returns the `ExperimentData` of the main run or of a
+    sweep point / fold (the CLI passes `experiment.data.load` bound to `cfg`).
+    """
+    batch = cfg.optim.batch_size
+    p = _Problems()
+
+    def check(data, where: str) -> None:
+        sets = {"the training split": data.splits["train"],
+                **{f"teacher {i}'s subset": rows for i, rows in enumerate(data.subsets)}}
+        small = [f"{name} has {len(rows)}" for name, rows in sets.items() if len(rows) < batch]
+        p.require(not small, "optim.batch_size", batch,
+                  f"{where}: {'; '.join(small)} examples, fewer than one batch; lower --optim.batch_size "
+                  "or drop that point")
+        for split in ("validation", "test"):
+            p.require(len(data.splits[split]) > 0, "data.fractions", cfg.data.fractions,
+                      f"{where}: the {split} split is empty")
+
+    check(load(), "main run")
+    if "sweeps" in stages:
+        for overlap in cfg.sweeps.overlaps:
+            if overlap != cfg.teachers.overlap:
+                check(load(overlap=overlap), f"overlap sweep point p={overlap:g}")
+    if "folds" in stages:
+        for seed in cfg.sweeps.fold_seeds:
+            if seed != cfg.data.split_seed:
+                check(load(split_seed=seed), f"fold with split seed {seed}")
+    p.raise_if_any()
