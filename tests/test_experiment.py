@@ -19,6 +19,7 @@ import pytest
 from experiments import lesion, nih_cxr
 from rosjax import config as C
 from rosjax.experiment import cli, runner
+from rosjax.experiment.validate import ConfigError
 from rosjax.experiment.workdir import Workdir, WorkdirConflictError, check_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,11 +78,11 @@ def test_paper_values_are_the_defaults():
 
 
 def test_cli_stages_and_teacher_option():
-    cfg, workdir, stages, settings, teacher = cli.parse_args(["--smoke", "--stage", "rosjax,report"],
-                                                              lesion.get_config)
+    cfg, workdir, stages, settings, teacher, _ = cli.parse_args(["--smoke", "--stage", "rosjax,report"],
+                                                                 lesion.get_config)
     assert stages == ["settings", "report"] and settings == ["rosjax"] and teacher is None
     assert workdir == "work/lesion-smoke" and cfg.smoke
-    _, _, stages, _, teacher = cli.parse_args(["--teacher", "2"], lesion.get_config)
+    _, _, stages, _, teacher, _ = cli.parse_args(["--teacher", "2"], lesion.get_config)
     assert stages == ["data", "teachers"] and teacher == 2
     with pytest.raises(SystemExit):
         cli.parse_args(["--teacher", "5"], lesion.get_config)
@@ -233,7 +234,7 @@ def test_teachers_start_from_given_weights(tmp_path):
     cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "resnet18,tiny_cnn",
                                             "teachers.pretrained": f"{path},", "optim.learning_rate": "0",
                                             "optim.weight_decay": "0", "optim.epochs": "1"})
-    with pytest.raises(FileNotFoundError, match="no weight file"):
+    with pytest.raises(ConfigError, match="no such file"):
         runner.run(C.apply_overrides(cfg, {"teachers.pretrained": "missing.npz,"}), tmp_path / "bad",
                    stages=["teachers"], settings=[])
     runner.run(cfg, tmp_path / "run", stages=["data", "teachers"], settings=[])

@@ -130,8 +130,14 @@ def enable_compilation_cache() -> None:
 class _QuietLibraries(logging.Filter):
     """Passes rosjax's records, and other libraries' (JAX, Orbax/absl, TFDS) from WARNING up."""
 
+    # TFDS warns about the empty folder of a dataset it is about to prepare: not the user's problem.
+    # grain's hint about OpenCV likewise (PIL decodes the stored JPEGs).
+    _NOISE = ("has no dataset_info.json", "OpenCV is not installed")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name.startswith("rosjax") or record.levelno >= logging.WARNING
+        if record.name.startswith("rosjax"):
+            return True
+        return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in self._NOISE)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -165,7 +171,6 @@ def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str]
     try:
         from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)
 
-        runner.check(cfg, workdir, stages=stages, settings=settings, known_settings=SETTINGS)
         enable_compilation_cache()
         runner.run(cfg, workdir, stages=stages, settings=settings, teacher=teacher)
     except UserError as err:

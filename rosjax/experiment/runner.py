@@ -40,7 +40,10 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     training set of the requested stages fills a batch, so a run refused at start-up leaves
     the work directory free for the corrected command.
     """
+    from rosjax.experiment.cli import SETTINGS  # noqa: PLC0415
+
     parallel.maybe_initialize_distributed()
+    check(cfg, workdir, stages=stages, settings=settings, known_settings=SETTINGS)
     wd = Workdir(workdir)
     mesh = parallel.make_mesh()
     started = time.perf_counter()

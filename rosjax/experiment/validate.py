@@ -79,7 +79,7 @@ def _check_top(p: _Problems, cfg: ExperimentConfig, settings, known_settings) ->
     p.require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
     p.require(len(cfg.settings) > 0, "settings", cfg.settings, "name at least one setting")
-    for name in (*cfg.settings, *settings):
+    for name in dict.fromkeys((*cfg.settings, *settings)):
         p.require(name in known_settings, "settings", name, f"unknown setting; valid: {', '.join(known_settings)}")
     p.require(len(set(cfg.settings)) == len(cfg.settings), "settings", cfg.settings, "a setting is named twice")
     p.require(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", cfg.checkpoint_every_steps,
@@ -139,11 +139,13 @@ def _check_optim(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     o = cfg.optim
     p.require(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
     _check_batch(p, "optim.batch_size", o.batch_size, devices)
-    p.require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "must be > 0")
+    p.require(o.learning_rate >= 0, "optim.learning_rate", o.learning_rate,
+              "must be >= 0 (0 keeps the initial or pretrained weights)")
     p.require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     p.require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    p.require(all(1 <= m <= o.epochs for m in o.milestones) and list(o.milestones) == sorted(set(o.milestones)),
-              "optim.milestones", o.milestones, f"increasing epochs in 1..{o.epochs} (--optim.epochs)")
+    if o.epochs >= 1:  # (else only --optim.epochs is named)
+        p.require(all(1 <= m <= o.epochs for m in o.milestones) and list(o.milestones) == sorted(set(o.milestones)),
+                  "optim.milestones", o.milestones, f"increasing epochs in 1..{o.epochs} (--optim.epochs)")
     p.require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
 
 
@@ -173,11 +175,12 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     p.one_of("distill.teacher_outputs", d.teacher_outputs, ("online", "cached"))
     p.require(d.cache_views >= 1, "distill.cache_views", d.cache_views, "must be >= 1")
     p.require(d.cache_batch_size >= 1, "distill.cache_batch_size", d.cache_batch_size, "must be >= 1")
-    p.require(0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
+    epoch_bound = epochs >= 1  # (else only --optim.epochs is named)
+    p.require(not epoch_bound or 0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
               f"must be in 0..{epochs - 1}: M_smooth averages the epochs after the warm-up (--optim.epochs={epochs})")
     p.one_of("distill.bn_mode", d.bn_mode, ("recalibrate", "average"))
     p.require(d.recalibration_batches >= 1, "distill.recalibration_batches", d.recalibration_batches, "must be >= 1")
-    p.require(0 <= d.rl_equal_epochs < epochs, "distill.rl_equal_epochs", d.rl_equal_epochs,
+    p.require(not epoch_bound or 0 <= d.rl_equal_epochs < epochs, "distill.rl_equal_epochs", d.rl_equal_epochs,
               f"must be in 0..{epochs - 1}, or the agent never acts (--optim.epochs={epochs})")
     p.require(d.rl_learning_rate > 0, "distill.rl_learning_rate", d.rl_learning_rate, "must be > 0")
     p.require(0 <= d.rl_baseline_decay < 1, "distill.rl_baseline_decay", d.rl_baseline_decay, "must be in [0, 1)")
