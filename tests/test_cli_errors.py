@@ -150,3 +150,38 @@ def test_the_library_leaves_the_root_logger_alone(tmp_path):
     cfg = C.apply_overrides(lesion.get_config(smoke=True), {"data.data_dir": str(tmp_path / "tfds")})
     runner.run(cfg, tmp_path / "work", stages=["data"], settings=list(cfg.settings))
     assert (list(root.handlers), root.level) == before
+
+
+def test_two_jobs_cannot_train_one_stage_at_once(tmp_path):
+    from rosjax.experiment.workdir import StageBusyError, StageClaim  # noqa: PLC0415
+
+    first = StageClaim(tmp_path)
+    with pytest.raises(StageBusyError, match=f"another job is running {tmp_path}"):
+        StageClaim(tmp_path)
+    first.release()
+    StageClaim(tmp_path).release()  # free again once the first job let go
+
+
+def test_concurrent_json_writes_never_collide(tmp_path):
+    """Jobs sharing a work directory rewrite data/summary.json at once: each write is whole."""
+    import threading  # noqa: PLC0415
+
+    from rosjax.experiment.workdir import read_json, write_json  # noqa: PLC0415
+
+    path = tmp_path / "summary.json"
+    errors = []
+
+    def writer(k):
+        try:
+            for i in range(50):
+                write_json(path, {"writer": k, "i": i, "pad": "x" * 10_000})
+        except OSError as err:  # a shared temporary name fails here
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and read_json(path)["i"] == 49
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

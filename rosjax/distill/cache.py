@@ -52,6 +52,7 @@ import numpy as np
 
 from rosjax.data import pipeline
 from rosjax.distill import steps as distill_steps
+from rosjax.progress import bar
 from rosjax.train import parallel
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,8 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
     views, logits = _open_arrays(directory, meta, rows)
     done = _read_json(directory / PROGRESS_FILE)["done"]
     if done < total:
-        log.info("teacher cache %s: %d of %d views done, building the rest", directory, done,
-                 total)
+        log.info("teacher cache: %d teachers on %d views of %d examples%s", num_teachers, num_views,
+                 num_examples, f" (resuming at {done} of {total})" if done else "")
         _fill(forward, variables, source, rows, views, logits, directory, augment=augment,
               seed=seed, image_size=image_size, batch_size=batch_size, start=done, total=total,
               mesh=mesh, num_threads=num_threads, prefetch=prefetch)
@@ -333,7 +334,7 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
         batch_size=batch_size, start=start, total=total))
     batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                         prefetch_buffer_size=prefetch))
-    report_every = max(1, num_batches // 10)
+    progress = bar(num_batches, "teacher cache")
 
     def write(host, device_logits, k):
         flat = host["flat"]
@@ -342,8 +343,7 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
         views.flush()
         logits.flush()
         _write_json(directory / PROGRESS_FILE, {"done": int(flat[-1]) + 1, "total": total})
-        if (k + 1) % report_every == 0:
-            log.info("teacher cache: %d of %d views", int(flat[-1]) + 1, total)
+        progress.update(1)
 
     pending = None
     for k, host in enumerate(batches):
@@ -354,6 +354,7 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
         pending = launched
     if pending is not None:
         write(*pending)
+    progress.close()
 
 
 # --------------------------------------------------------------------------- replaying

@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rosjax.distill.losses import supervised_per_example
+from rosjax.progress import bar
 
 DEFAULT_COORDS = np.linspace(-1.0, 1.0, 51)  # Li et al.: --x=-1:1:51 --y=-1:1:51.
 LOSS_CLAMP = 8.0                             # Figure 4: "loss value clamped at 8.0".
@@ -175,9 +176,13 @@ def loss_surface(loss_fn: Callable, params, dir1, dir2, *, coords=DEFAULT_COORDS
     a, b = np.meshgrid(coords, coords)  # [n, n]: a varies along columns, b along rows
     points = np.stack([a.ravel(), b.ravel()], axis=-1).astype(np.float32)  # [n*n, 2]
     points = np.concatenate([points, np.repeat(points[-1:], (-len(points)) % chunk, axis=0)])
-    losses = [_losses_at(loss_fn, vmap_size, params, dir1, dir2, tuple(args),
-                         points[i:i + chunk]) for i in range(0, len(points), chunk)]
-    return np.concatenate([np.asarray(l) for l in losses])[:n * n].reshape(n, n)
+    losses = []
+    with bar(len(points) // chunk, "loss landscape", unit="chunk") as progress:
+        for i in range(0, len(points), chunk):
+            losses.append(np.asarray(_losses_at(loss_fn, vmap_size, params, dir1, dir2, tuple(args),
+                                                points[i:i + chunk])))
+            progress.update(1)
+    return np.concatenate(losses)[:n * n].reshape(n, n)
 
 
 def flatness(surface, coords, radius: float) -> float:

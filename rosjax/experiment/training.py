@@ -20,7 +20,7 @@ from rosjax.eval import collapse
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
 from rosjax.errors import UserError
-from rosjax.experiment.workdir import Workdir, done, mark_done
+from rosjax.experiment.workdir import StageClaim, Workdir, done, mark_done
 from rosjax.models import pretrained
 from rosjax.train import classifier, evaluate, loop, parallel
 
@@ -74,6 +74,10 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     folder = wd.teacher_dir(index, architecture)
     if (record := done(folder)) is not None:
         return record
+    claim = StageClaim(folder)
+    if (record := done(folder)) is not None:  # finished by the job that held the claim
+        claim.release()
+        return record
     log.info("teacher %d (%s): %d training examples", index, architecture, len(data.subsets[index]))
     spec = spec_for(cfg, data, architecture)
     artifacts.write_spec(folder, spec)
@@ -90,6 +94,7 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
               "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
               "test": test_metrics(cfg, data, model, result.variables, mesh)}
     mark_done(folder, record)
+    claim.release()
     return record
 
 
@@ -142,6 +147,11 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     folder = wd.setting_dir(setting)
     if (record := done(folder)) is not None:
         return record
+    claim = StageClaim(folder)
+    if (record := done(folder)) is not None:  # finished by the job that held the claim
+        claim.release()
+        return record
+    log.info("setting %s: student %s, %d training examples", setting, cfg.distill.student, len(data.splits["train"]))
     spec = spec_for(cfg, data, cfg.distill.student)
     artifacts.write_spec(folder, spec)
     model = artifacts.build_model(spec)
@@ -186,6 +196,7 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))
         record["collapsed"] = symptoms
     mark_done(folder, record)
+    claim.release()
     return record
 
 

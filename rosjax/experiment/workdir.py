@@ -57,6 +57,34 @@ class Workdir:
         return self.folder("settings", setting)
 
 
+class StageBusyError(UserError):
+    """Another process is running the same stage in the same work directory."""
+
+
+class StageClaim:
+    """An exclusive claim on a stage's folder (an `flock` on `<folder>/.lock`), for concurrent jobs.
+
+    Jobs of the README's one-job-per-teacher mode share a work directory; two jobs that would
+    train the same teacher or setting at once would write one checkpoint folder from two
+    processes. The second one is refused instead. The lock is released by `release()`, or by
+    the operating system when the process ends (a killed job never leaves a stale lock).
+    """
+
+    def __init__(self, folder: pathlib.Path):
+        import fcntl  # noqa: PLC0415 (POSIX only; imported where used)
+
+        self._file = open(folder / ".lock", "a+")  # noqa: SIM115 (held for the stage's lifetime)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise StageBusyError(f"another job is running {folder} right now; wait for it to finish "
+                                 "(its results will then be reused)") from None
+
+    def release(self) -> None:
+        self._file.close()  # closing the file drops the lock
+
+
 def write_json(path: pathlib.Path, payload: Any) -> None:
     """Writes JSON atomically: readers see the old file or the new one, never half of one."""
     # A unique temporary name: concurrent jobs (one per teacher) write the same files.
