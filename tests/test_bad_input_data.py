@@ -4,7 +4,6 @@ bare trace; odd but harmless values are mapped to unknown and counted.
 Expected values are derived by hand here (pixel arithmetic, byte layouts, retry counts from
 the documented constants), independently of the builders' code.
 """
-import contextlib
 import http.server
 import io
 import logging

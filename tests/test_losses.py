@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.special import log_expit, log_softmax
 
-from rosjax.distill import losses
+from rosjax import losses
 
 # Jitted entry points: one fused compile per shape instead of one per eager primitive.
 kd_loss = jax.jit(losses.kd_loss, static_argnames=("tau", "alpha", "multilabel"))

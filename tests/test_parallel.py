@@ -9,7 +9,7 @@ import pytest
 import _train_worker as tw
 from rosjax import models
 from rosjax.config import OptimConfig
-from rosjax.distill import losses
+from rosjax import losses
 from rosjax.train import optim, parallel, steps
 from rosjax.train.state import create_train_state
 

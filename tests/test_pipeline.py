@@ -1,8 +1,6 @@
 """grain input pipeline (rosjax.data.pipeline) on small in-memory sources."""
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from rosjax.data import pipeline
@@ -218,21 +216,6 @@ def test_eval_sees_every_example_once(shard_count):
                                        batch["index"][mask] / 255, atol=1e-6)
             assert (batch["index"][~mask] == -1).all() and (batch["image"][~mask] == 0).all()
     assert seen == indices.tolist()
-
-
-def test_to_global_lays_the_batch_on_the_mesh():
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, P("data"))
-    source = constant_source(20)
-    batch = next(pipeline.eval_batches(source, np.arange(20), np.zeros((20, 3), np.uint8),
-                                       image_size=SIZE, batch_size=8))
-    arrays = pipeline.to_global(batch, sharding)
-    assert set(arrays) == set(batch)
-    for key, value in arrays.items():
-        assert isinstance(value, jax.Array) and value.sharding == sharding
-        assert value.shape == batch[key].shape  # one process: global = host-local
-        np.testing.assert_array_equal(np.asarray(value), batch[key])
-    assert len(arrays["image"].addressable_shards) == len(jax.devices())
 
 
 # ------------------------------------------------------------------------------ errors

@@ -5,12 +5,12 @@ from rosjax.data import isic2019, nih_chestxray14
 from rosjax.data.builder_utils import CorruptImageError, DataError
 from rosjax.data.datasets import DATASETS, PreparedDataset, prepare, sample_dir
 from rosjax.data.noise import MODES, NoisyLabels, add_label_noise
-from rosjax.data.pipeline import AugmentConfig, eval_batches, to_global, train_dataset, train_iterator
+from rosjax.data.pipeline import AugmentConfig, eval_batches, train_dataset, train_iterator
 from rosjax.data.splits import (fold_seeds, grouped_split, official_split, overlapping_subsets,
                                 shared_groups, split_summary)
 
 __all__ = ["AugmentConfig", "CorruptImageError", "DATASETS", "DataError", "MODES", "NoisyLabels",
            "PreparedDataset", "add_label_noise", "eval_batches", "fold_seeds", "grouped_split",
            "isic2019", "nih_chestxray14", "official_split", "overlapping_subsets", "prepare",
-           "sample_dir", "shared_groups", "split_summary", "to_global", "train_dataset",
+           "sample_dir", "shared_groups", "split_summary", "train_dataset",
            "train_iterator"]

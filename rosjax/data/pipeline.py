@@ -98,7 +98,7 @@ class AugmentConfig:
 # ----------------------------------------------------------------------------- images
 
 
-def _checked_image(record: Mapping[str, Any], row: int) -> np.ndarray:
+def checked_image(record: Mapping[str, Any], row: int) -> np.ndarray:
     """Returns the record's image as uint8 [H, W, C] with C in (1, 3), or raises naming the row."""
     if "image" not in record:
         raise ValueError(f"source[{row}] has no 'image' (keys: {sorted(record)})")
@@ -260,7 +260,7 @@ def _label_array(labels: np.ndarray) -> np.ndarray:
     raise ValueError(f"labels must be [N] or [N, C], got shape {labels.shape}")
 
 
-def _check_rows(source, indices: np.ndarray | Sequence[int],
+def check_rows(source, indices: np.ndarray | Sequence[int],
                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validates indices against the source; returns (rows [n] int64, labels of rows)."""
     rows = np.asarray(indices)
@@ -279,7 +279,7 @@ def _check_rows(source, indices: np.ndarray | Sequence[int],
     return rows, labels[rows]
 
 
-def _shard(batch_size: int, shard_index: int | None,
+def host_shard(batch_size: int, shard_index: int | None,
            shard_count: int | None) -> tuple[int, int, int]:
     """Returns (shard_index, shard_count, per-host batch size); defaults to this JAX process."""
     shard_index = jax.process_index() if shard_index is None else shard_index
@@ -307,7 +307,7 @@ class _TrainBatch(grain.transforms.MapWithIndex):
         rows = self._rows[positions]
         images = []
         for row in rows.tolist():
-            image = _checked_image(self._source[row], row)
+            image = checked_image(self._source[row], row)
             if self._augment is None:
                 images.append(center_crop(image, self._image_size))
             else:
@@ -336,7 +336,7 @@ class _EvalBatch(grain.transforms.Map):
         index = np.full(self._host_batch, -1, np.int32)
         for i in np.flatnonzero(mask).tolist():
             row = int(self._rows[positions[i]])
-            image[i] = center_crop(_checked_image(self._source[row], row), size)
+            image[i] = center_crop(checked_image(self._source[row], row), size)
             label[i], index[i] = self._labels[positions[i]], row
         return {"image": image, "label": label, "index": index, "mask": mask}
 
@@ -382,8 +382,8 @@ def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, 
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    rows, row_labels = _check_rows(source, indices, labels)
-    shard_index, shard_count, host_batch = _shard(batch_size, shard_index, shard_count)
+    rows, row_labels = check_rows(source, indices, labels)
+    shard_index, shard_count, host_batch = host_shard(batch_size, shard_index, shard_count)
     positions, steps_per_epoch = shuffled_position_batches(len(rows), batch_size, seed, num_epochs)
     host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
     ds = positions.map_with_index(_TrainBatch(
@@ -439,22 +439,11 @@ def eval_batches(source, indices, labels, *, image_size: int, batch_size: int,
     ceil(n / batch_size) global batches; the last is padded (image 0, label 0, index -1,
     mask False) so all batches have the same shape. Arguments as in `train_dataset`.
     """
-    rows, row_labels = _check_rows(source, indices, labels)
-    shard_index, _, host_batch = _shard(batch_size, shard_index, shard_count)
+    rows, row_labels = check_rows(source, indices, labels)
+    shard_index, _, host_batch = host_shard(batch_size, shard_index, shard_count)
     num_batches = -(-len(rows) // batch_size)
-    channels = _checked_image(source[int(rows[0])], int(rows[0])).shape[2]
+    channels = checked_image(source[int(rows[0])], int(rows[0])).shape[2]
     ds = grain.MapDataset.range(num_batches).map(_EvalBatch(
         source, rows, row_labels, image_size=image_size, channels=channels,
         batch_size=batch_size, host_batch=host_batch, shard_index=shard_index))
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
-
-
-def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
-    """Lays a host-local batch on the device mesh as global jax.Arrays.
-
-    Each process passes its own rows; the result's leading dimension is the global batch
-    (host rows x process count), sharded as `sharding` says, e.g.
-    NamedSharding(mesh, PartitionSpec('data')). Works for one host and for several.
-    """
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                        dict(batch))

@@ -2,7 +2,7 @@
 
 The RL teacher-selection baseline is imported from `rosjax.distill.rl_policy` directly.
 """
-from rosjax.distill.losses import kd_divergence, kd_loss, supervised_loss, supervised_per_example
+from rosjax.losses import kd_divergence, kd_loss, supervised_loss, supervised_per_example
 from rosjax.distill.smoothing import (SmoothState, recalibrate_batch_stats, should_average,
                                       update_running_mean)
 from rosjax.distill.weighting import (TEACHER_WEIGHTINGS, equal_teacher_weights,

@@ -201,7 +201,7 @@ class _BuildBatch(grain.transforms.Map):
         for i, f in enumerate(flat.tolist()):
             view_index, position = divmod(f, len(self._rows))
             row = int(self._rows[position])
-            image = pipeline._checked_image(self._source[row], row)  # noqa: SLF001
+            image = pipeline.checked_image(self._source[row], row)
             view = pipeline.draw_view(*image.shape, self._augment,
                                       np.random.default_rng([self._seed, view_index, row]))
             images.append(pipeline.apply_view(image, view, self._image_size))
@@ -295,7 +295,7 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
     directory = pathlib.Path(directory).expanduser().absolute()
     apply_fns = tuple(apply for apply, _ in teachers)
     variables = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
-    first = pipeline._checked_image(source[int(rows[0])], int(rows[0]))  # noqa: SLF001
+    first = pipeline.checked_image(source[int(rows[0])], int(rows[0]))
     forward = teacher_forward(apply_fns, mesh)
     image_shape = (batch_size, image_size, image_size, first.shape[2])
     out = jax.eval_shape(forward, variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))
@@ -389,7 +389,7 @@ class _CachedBatch(grain.transforms.MapWithIndex):
         rows, at = self._rows[positions], self._cache_positions[positions]
         images = []
         for row, p in zip(rows.tolist(), at.tolist()):
-            image = pipeline._checked_image(self._source[row], row)  # noqa: SLF001
+            image = pipeline.checked_image(self._source[row], row)
             images.append(pipeline.apply_view(image, unpack_view(views[view_index, p]),
                                               self._image_size))
         teacher_logits = logits[view_index][at][:, self._teacher_indices]  # [B_host, K, C]
@@ -430,8 +430,8 @@ def cached_train_dataset(source, indices, labels, cache: TeacherCache, *, image_
             teacher_indices.max() >= cache.num_teachers):
         raise ValueError(f"teacher_indices {teacher_indices.tolist()} must pick from the "
                          f"cache's {cache.num_teachers} teachers")
-    rows, row_labels = pipeline._check_rows(source, indices, labels)  # noqa: SLF001
-    shard_index, shard_count, host_batch = pipeline._shard(  # noqa: SLF001
+    rows, row_labels = pipeline.check_rows(source, indices, labels)
+    shard_index, shard_count, host_batch = pipeline.host_shard(
         batch_size, shard_index, shard_count)
     # The order of pipeline.train_dataset, so a cached run sees the online run's batches.
     positions, steps_per_epoch = pipeline.shuffled_position_batches(len(rows), batch_size, seed,

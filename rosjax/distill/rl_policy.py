@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rosjax.distill.losses import kd_divergence, supervised_per_example
+from rosjax.losses import kd_divergence, supervised_per_example
 
 
 def num_state_features(embed_dim: int, num_classes: int, num_teachers: int) -> int:

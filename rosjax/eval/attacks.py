@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rosjax.distill.losses import supervised_per_example
+from rosjax.losses import supervised_per_example
 
 PAPER_EPS = 128 / 255  # Paper Table II: l2 radius in [0, 1] pixel units.
 _TINY = 1e-12          # Guard against dividing by a zero gradient / perturbation norm.

@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rosjax.distill.losses import supervised_per_example
+from rosjax.losses import supervised_per_example
 from rosjax.progress import bar
 
 DEFAULT_COORDS = np.linspace(-1.0, 1.0, 51)  # Li et al.: --x=-1:1:51 --y=-1:1:51.

@@ -69,7 +69,7 @@ def check_options(cfg: ExperimentConfig, *, stages: Sequence[str], settings: Seq
     _check_data(p, cfg, devices)
     _check_optim(p, cfg, devices)
     _check_teachers(p, cfg, settings)
-    _check_distill(p, cfg)
+    _check_distill(p, cfg, devices)
     _check_evaluation(p, cfg)
     _check_sweeps(p, cfg, stages, workdir)
     p.raise_if_any()
@@ -165,7 +165,7 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
                   f"baseline II's teacher must be among --teachers.architectures ({','.join(t.architectures)})")
 
 
-def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
+def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     d, epochs = cfg.distill, cfg.optim.epochs
     p.one_of("distill.student", d.student, ARCHITECTURES)
     p.require(d.tau > 0, "distill.tau", d.tau, "the temperature must be > 0")
@@ -174,7 +174,7 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     p.one_of("distill.normalize", d.normalize, weighting.NORMALIZATIONS)
     p.one_of("distill.teacher_outputs", d.teacher_outputs, ("online", "cached"))
     p.require(d.cache_views >= 1, "distill.cache_views", d.cache_views, "must be >= 1")
-    p.require(d.cache_batch_size >= 1, "distill.cache_batch_size", d.cache_batch_size, "must be >= 1")
+    _check_batch(p, "distill.cache_batch_size", d.cache_batch_size, devices)
     epoch_bound = epochs >= 1  # (else only --optim.epochs is named)
     p.require(not epoch_bound or 0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
               f"must be in 0..{epochs - 1}: M_smooth averages the epochs after the warm-up (--optim.epochs={epochs})")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from rosjax.distill import losses
+from rosjax import losses
 from rosjax.eval import metrics
 from rosjax.train import parallel, steps
 

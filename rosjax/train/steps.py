@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rosjax.distill import losses
+from rosjax import losses
 from rosjax.train.state import TrainState
 
 
