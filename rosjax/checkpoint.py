@@ -14,29 +14,158 @@ A training run's work directory holds two managers:
 Saves are asynchronous: arrays are copied off the devices before `save` returns and are
 written in a background thread. Every step is written to a temporary folder that is renamed
 when complete, so a process killed mid-save leaves the previous checkpoint as the latest
-usable one (the leftover temporary folder is ignored, and removed the next time the manager
-opens). Restores take an abstract target (shapes, dtypes, shardings of the *current* mesh),
-so a run can resume on a different number of devices.
+usable one. Leftover temporary folders (`*.orbax-checkpoint-tmp*`) are removed here,
+synchronously, before a manager opens; Orbax's own background clean-up is off, because two
+of them (one per manager opened on a directory) could delete the same folder at once. A
+process holds at most one `RunCheckpoints` per work directory at a time.
+
+Integrity: once a step is on disk (the manager's finalize thread is done), a background
+thread writes `<step>/rosjax_manifest.json`, the size and sha256 of every file of the step.
+Restores check it first. `restore_latest` falls back, with a WARNING naming the damaged
+folder, to the newest earlier step that is intact, and moves the damaged newer steps to
+`<workdir>/damaged/` (so the resumed run can write those steps again); if no step is intact
+it raises `CheckpointError`. A step without a manifest (the process died between the save
+and the manifest) is unverified: it counts as damaged if it fails to restore or restores
+non-finite values. Restores take an abstract target (shapes, dtypes, shardings of the
+*current* mesh), so a run can resume on a different number of devices.
 
 `save_variables` / `load_variables` store finished models ({'params', 'batch_stats'}) for the
-notebook loader and the distillation stage.
+notebook loader and the distillation stage, with the same manifest.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
+import logging
 import os
 import pathlib
+import shutil
+import threading
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rosjax.errors import UserError
+
+log = logging.getLogger(__name__)
+
 _LATEST_DIR = "ckpt"
 _BEST_DIR = "best"
+_DAMAGED_DIR = "damaged"
 _BEST_METRIC = "value"
+MANIFEST_FILE = "rosjax_manifest.json"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+_MANIFEST_FORMAT = 1
+
+_INTACT, _UNVERIFIED, _DAMAGED = "intact", "unverified", "damaged"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint on disk is damaged and no intact one can stand in for it."""
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+_barriers = itertools.count()
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process). Every process makes the same
+    calls in the same order, so the counter gives each barrier the unique name Orbax needs."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"{name}.{next(_barriers)}")
+
+
+def _files_of(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every file under `folder` (sorted), except the manifest and its temporary copy."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not p.name.startswith(MANIFEST_FILE))
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Writes `<folder>/rosjax_manifest.json`: size and sha256 of every file under `folder`.
+
+    Call it only on a finished checkpoint folder. The write is atomic (temporary file + rename).
+    """
+    folder = pathlib.Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files_of(folder)}
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "files": files}, indent=0))
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def check_folder(folder: str | os.PathLike) -> tuple[str, str | None]:
+    """('intact', None), ('unverified', why) or ('damaged', why) for a checkpoint folder.
+
+    Intact: every file listed in the manifest is there with its size and sha256. Unverified:
+    there is no manifest. Files that are not in the manifest are not checked.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return _DAMAGED, "the folder is missing"
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists():
+        return _UNVERIFIED, "it has no checksum manifest"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        listed = [(name, int(entry["size"]), str(entry["sha256"]))
+                  for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return _DAMAGED, f"its manifest {MANIFEST_FILE} is unreadable ({e})"
+    for name, size, sha in listed:
+        path = folder / name
+        if not path.is_file():
+            return _DAMAGED, f"{name} is missing"
+        if path.stat().st_size != size:
+            return _DAMAGED, f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _sha256(path) != sha:
+            return _DAMAGED, f"{name} does not match its sha256 checksum"
+    return _INTACT, None
+
+
+def _remove_tmp_folders(directory: pathlib.Path) -> None:
+    """Removes the temporary folders of unfinished saves in `directory` (synchronously)."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _ORBAX_TMP in path.name:
+            log.info("removing the unfinished checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():  # ignore_errors hides real failures: try once more, loudly
+                shutil.rmtree(path)
+
+
+@jax.jit
+def _finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every float in `tree` is finite (one compiled reduction over all leaves)."""
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jnp.inexact)]
+    return not leaves or bool(_finite(leaves))
+
+
+_open_lock = threading.Lock()
+_open_dirs: set[pathlib.Path] = set()
 
 
 def abstract_like(tree: Any) -> Any:
@@ -92,7 +221,11 @@ def _key_from_json(payload: dict[str, Any]) -> jax.Array:
 
 
 class RunCheckpoints:
-    """Resume checkpoints (latest few) and the best checkpoint of one training run."""
+    """Resume checkpoints (latest few) and the best checkpoint of one training run.
+
+    One instance per work directory per process at a time (a second one raises RuntimeError
+    until the first is closed); usable as a context manager.
+    """
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, best_mode: str = "max",
                  async_save: bool = True):
@@ -101,21 +234,45 @@ class RunCheckpoints:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         root = pathlib.Path(workdir).expanduser().absolute()
+        with _open_lock:
+            if root in _open_dirs:
+                raise RuntimeError(f"checkpoints of {root} are already open in this process; "
+                                   "close() them before opening them again")
+            _open_dirs.add(root)
+        self._root, self._closed = root, False
         self._best_mode, self._best_value = best_mode, None
-        self._latest = ocp.CheckpointManager(
-            root / _LATEST_DIR,
-            options=ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-                enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
-        # best_fn makes Orbax store the metric with each step; BestN(n=1) deletes the others.
-        self._best = ocp.CheckpointManager(
-            root / _BEST_DIR,
-            options=ocp.CheckpointManagerOptions(
-                best_fn=_best_metric, best_mode=best_mode,
-                preservation_policy=ocp.checkpoint_managers.BestN(
-                    get_metric_fn=_best_metric, reverse=best_mode == "min", n=1,
-                    keep_checkpoints_without_metrics=False),
-                enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
+        self._async = async_save
+        self._manifest_threads: list[threading.Thread] = []
+        self._latest = self._best = None
+        try:
+            # Unfinished saves of an earlier process: removed before any manager looks.
+            if _is_primary():
+                _remove_tmp_folders(root / _LATEST_DIR)
+                _remove_tmp_folders(root / _BEST_DIR)
+            _sync("rosjax_checkpoint_tmp_cleanup")
+            self._latest = ocp.CheckpointManager(
+                root / _LATEST_DIR,
+                options=ocp.CheckpointManagerOptions(
+                    preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+                    enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
+            # best_fn makes Orbax store the metric with each step; BestN(n=1) deletes the others.
+            self._best = ocp.CheckpointManager(
+                root / _BEST_DIR,
+                options=ocp.CheckpointManagerOptions(
+                    best_fn=_best_metric, best_mode=best_mode,
+                    preservation_policy=ocp.checkpoint_managers.BestN(
+                        get_metric_fn=_best_metric, reverse=best_mode == "min", n=1,
+                        keep_checkpoints_without_metrics=False),
+                    enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def directory(self) -> pathlib.Path:
@@ -126,6 +283,35 @@ class RunCheckpoints:
 
     def best_step(self) -> int | None:
         return self._best.best_step()
+
+    @staticmethod
+    def _folder(manager, step: int) -> pathlib.Path:
+        return pathlib.Path(manager.directory) / str(step)
+
+    def _after_save(self, manager, step: int) -> None:
+        """Writes the manifest of `step` once it is on disk (in the background if async)."""
+        if not _is_primary():
+            return
+        folder = self._folder(manager, step)
+        if not self._async:
+            _write_manifest_logged(folder)
+            return
+
+        def when_finished():
+            try:
+                manager.wait_until_finished()  # safe from several threads (Orbax joins)
+            except BaseException:  # noqa: BLE001 - the training thread sees it on its next wait
+                return
+            _write_manifest_logged(folder)
+
+        thread = threading.Thread(target=when_finished, name=f"rosjax-manifest-{step}",
+                                  daemon=True)
+        thread.start()
+        self._manifest_threads.append(thread)
+
+    def _join_manifests(self) -> None:
+        while self._manifest_threads:
+            self._manifest_threads.pop(0).join()
 
     def save(self, step: int, *, state: Any, run_key: jax.Array, meta: dict[str, Any],
              iterator_state: dict, extras: dict[str, Any] | None = None) -> None:
@@ -138,7 +324,9 @@ class RunCheckpoints:
                  "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
         if extras:
             items["extras"] = ocp.args.StandardSave(extras)
+        self._join_manifests()  # Orbax waits for the previous save here anyway
         self._latest.save(step, args=ocp.args.Composite(**items))
+        self._after_save(self._latest, step)
 
     def best_value(self) -> float | None:
         """The metric of the best checkpoint (None before the first one)."""
@@ -162,23 +350,109 @@ class RunCheckpoints:
                  "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
         if extras:
             items["extras"] = ocp.args.StandardSave(extras)
+        self._join_manifests()
         self._best.save(step, args=ocp.args.Composite(**items),
                         metrics={_BEST_METRIC: float(value)})
+        self._after_save(self._best, step)
         self._best_value = float(value)
         return True
 
     def restore(self, step: int, *, abstract_state: Any,
                 abstract_extras: dict[str, Any] | None = None) -> Restored:
-        """Restores resume checkpoint `step` onto the shardings of `abstract_state`."""
-        return self._restore(self._latest, step, abstract_state, abstract_extras, with_data=True)
+        """Restores resume checkpoint `step` onto the shardings of `abstract_state`.
+
+        Raises CheckpointError if the step is damaged (see `restore_latest` for a fallback).
+        """
+        restored, problem = self._try_restore(self._latest, step, abstract_state,
+                                              abstract_extras, with_data=True)
+        if restored is None:
+            folder = self._folder(self._latest, step)
+            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}. Delete it to "
+                                  "resume from an earlier step, or delete the work directory "
+                                  f"{self._root} to restart the run from scratch")
+        return restored
+
+    def restore_latest(self, *, abstract_state: Any,
+                       abstract_extras: dict[str, Any] | None = None) -> Restored | None:
+        """Restores the newest intact resume checkpoint (None if there is none at all).
+
+        A damaged newer step is skipped with a WARNING and, once an intact one restored, moved
+        to `<workdir>/damaged/`. Raises CheckpointError when every step is damaged.
+        """
+        steps = sorted(self._latest.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            restored, problem = self._try_restore(self._latest, step, abstract_state,
+                                                  abstract_extras, with_data=True)
+            if restored is not None:
+                if damaged:
+                    self._set_aside([folder for folder, _ in damaged])
+                    log.warning("resuming from the earlier checkpoint %s instead",
+                                self._folder(self._latest, step))
+                return restored
+            folder = self._folder(self._latest, step)
+            log.warning("checkpoint %s is damaged and will not be used: %s", folder, problem)
+            damaged.append((folder, problem))
+        if damaged:
+            listed = "; ".join(f"{folder}: {problem}" for folder, problem in damaged)
+            raise CheckpointError(
+                f"no intact resume checkpoint under {self.directory} ({listed}). Delete "
+                f"{self.directory} (or the work directory {self._root}) to restart the run "
+                "from scratch")
+        return None
+
+    def _set_aside(self, folders: list[pathlib.Path]) -> None:
+        """Moves damaged step folders to <workdir>/damaged/ and makes the manager forget them."""
+        _sync("rosjax_checkpoint_set_aside_start")
+        if _is_primary():
+            target_dir = self._root / _DAMAGED_DIR
+            target_dir.mkdir(exist_ok=True)
+            for folder in folders:
+                target, n = target_dir / f"{folder.parent.name}-{folder.name}", 1
+                while target.exists():
+                    target, n = target_dir / f"{folder.parent.name}-{folder.name}.{n}", n + 1
+                if folder.exists():
+                    os.replace(folder, target)
+                    log.warning("moved the damaged checkpoint %s to %s (delete it when no "
+                                "longer needed)", folder, target)
+        _sync("rosjax_checkpoint_set_aside_done")
+        self._latest.reload()
 
     def restore_best(self, *, abstract_state: Any,
                      abstract_extras: dict[str, Any] | None = None) -> Restored:
-        """Restores the best checkpoint (no data position) onto `abstract_state`'s shardings."""
+        """Restores the best checkpoint (no data position) onto `abstract_state`'s shardings.
+
+        Raises CheckpointError if it is damaged.
+        """
         step = self.best_step()
         if step is None:
             raise FileNotFoundError(f"no best checkpoint under {self._best.directory}")
-        return self._restore(self._best, step, abstract_state, abstract_extras, with_data=False)
+        restored, problem = self._try_restore(self._best, step, abstract_state,
+                                              abstract_extras, with_data=False)
+        if restored is None:
+            folder = self._folder(self._best, step)
+            raise CheckpointError(f"best checkpoint {folder} is damaged: {problem}. Delete the "
+                                  f"work directory {self._root} to train again")
+        return restored
+
+    def _try_restore(self, manager, step, abstract_state, abstract_extras, with_data):
+        """(Restored, None), or (None, what is wrong) for a damaged step.
+
+        A verified step that fails to restore raises (the files are as written: the target
+        does not fit them, e.g. another model); an unverified one counts as damaged.
+        """
+        status, problem = check_folder(self._folder(manager, step))
+        if status == _DAMAGED:
+            return None, problem
+        try:
+            restored = self._restore(manager, step, abstract_state, abstract_extras, with_data)
+        except Exception as e:  # noqa: BLE001
+            if status == _INTACT:
+                raise
+            return None, f"{problem} and does not restore ({type(e).__name__}: {e})"
+        if status == _UNVERIFIED and not _all_finite((restored.state, restored.extras)):
+            return None, f"{problem} and restores non-finite values"
+        return restored, None
 
     @staticmethod
     def _restore(manager, step, abstract_state, abstract_extras, with_data) -> Restored:
@@ -196,25 +470,59 @@ class RunCheckpoints:
                         meta=meta, iterator_state=position.state if with_data else None)
 
     def wait_until_finished(self) -> None:
-        """Blocks until every started save is on disk."""
+        """Blocks until every started save is on disk, with its manifest."""
         self._latest.wait_until_finished()
         self._best.wait_until_finished()
+        self._join_manifests()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers' threads."""
-        self._latest.close()
-        self._best.close()
+        """Waits for pending saves and manifests and releases the managers' threads.
+
+        Idempotent; the work directory can be opened again afterwards.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                if self._latest is not None:
+                    self._latest.close()
+            finally:
+                try:
+                    if self._best is not None:
+                        self._best.close()
+                finally:
+                    self._join_manifests()
+        finally:
+            with _open_lock:
+                _open_dirs.discard(self._root)
+
+
+def _write_manifest_logged(folder: pathlib.Path) -> None:
+    """`write_manifest` for a save that may have failed or been deleted meanwhile."""
+    try:
+        if folder.is_dir():
+            write_manifest(folder)
+    except OSError as e:  # e.g. the step was deleted by the preservation policy meanwhile
+        log.warning("could not write the checksum manifest of %s: %s", folder, e)
 
 
 def save_variables(path: str | os.PathLike, variables: Any) -> None:
     """Writes a finished model's variables (any pytree of arrays) to the folder `path`.
 
-    Overwrites an existing folder; the write is atomic (temporary folder + rename).
+    Overwrites an existing folder; the write is atomic (temporary folder + rename), and
+    followed by the folder's checksum manifest.
     """
+    path = pathlib.Path(path).expanduser().absolute()
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(pathlib.Path(path).expanduser().absolute(), variables, force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    try:
+        checkpointer.save(path, variables, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    if _is_primary():
+        write_manifest(path)
+    _sync("rosjax_save_variables_manifest")
 
 
 def load_variables(path: str | os.PathLike,
@@ -222,16 +530,33 @@ def load_variables(path: str | os.PathLike,
     """Reads variables written by `save_variables` as jax arrays placed with `sharding`.
 
     Default placement: the first local device (what a notebook wants); pass
-    `parallel.replicated(mesh)` to place frozen teachers on every device of a mesh.
+    `parallel.replicated(mesh)` to place frozen teachers on every device of a mesh. Raises
+    CheckpointError if the folder does not match its checksum manifest (or, without one,
+    does not restore).
     """
     path = pathlib.Path(path).expanduser().absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"no saved variables at {path}")
+    how_to_fix = (f"delete {path} and rerun the stage that wrote it (for a training stage, "
+                  "also delete its work directory to retrain)")
+    status, problem = check_folder(path)
+    if status == _DAMAGED:
+        raise CheckpointError(f"saved variables {path} are damaged: {problem}; {how_to_fix}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          tree)
-    variables = checkpointer.restore(path, target)
-    checkpointer.close()
+    try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        variables = checkpointer.restore(path, target)
+    except Exception as e:  # noqa: BLE001
+        if status == _INTACT:
+            raise
+        raise CheckpointError(f"saved variables {path} ({problem}) do not restore "
+                              f"({type(e).__name__}: {e}); {how_to_fix}") from e
+    finally:
+        checkpointer.close()
+    if status == _UNVERIFIED and not _all_finite(variables):
+        raise CheckpointError(f"saved variables {path} ({problem}) hold non-finite values; "
+                              f"{how_to_fix}")
     return variables

@@ -6,8 +6,17 @@ every epoch). The same code runs in-process (4 fake CPU devices from conftest.py
 subprocesses below, which set their own XLA flags before importing JAX:
 
     python tests/_train_worker.py fit --workdir W --epochs 2 [--kill-at-call K]
+            [--kill EVENT:N[:DELAY_S]] [--with-eval] [--out OUT.npz]
         trains like `run_counting_fit`; with --kill-at-call it SIGKILLs itself right after the K-th
-        step call, i.e. while the checkpoint issued after step K-1 may still be writing.
+        step call, i.e. while the checkpoint issued after step K-1 may still be writing. --kill
+        is the general form (see `install_killer`: step, save, tmpdir, eval events); --with-eval
+        adds `evaluate_state` as evaluate and its 'score' as best metric; --out writes the
+        final variables and extras (`save_final`).
+    python tests/_train_worker.py serve
+        a fork server (`ForkServer`): imports JAX and the engine once, then for each request
+        line {"argv": [...], "log": PATH} on stdin forks a child that runs `main(argv)` with its
+        output in PATH, and answers {"returncode": RC} (-9 for SIGKILL) on stdout. Saves the
+        ~5 s of imports per run; the parent never initialises a JAX backend, so forking is safe.
     python tests/_train_worker.py multihost --port P --process-id I --num-processes N
         --workdir W --out OUT.npz
         one of N processes joined by jax.distributed (gloo); each feeds its rows of every
@@ -16,11 +25,17 @@ subprocesses below, which set their own XLA flags before importing JAX:
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import json
 import os
 import pathlib
+import select
 import signal
+import subprocess
 import sys
+import threading
+import traceback
 
 IMAGE, CHANNELS, CLASSES = 16, 3, 3
 NUM_EXAMPLES, BATCH = 48, 8
@@ -146,24 +161,314 @@ def _kill_after(calls_before_kill: int):
     return wrap
 
 
+def evaluate_state(state, extras):
+    """A deterministic, cheap evaluate(): statistics of the final layer (and the epoch count)."""
+    import jax
+    import numpy as np
+    kernel = np.asarray(jax.device_get(state.params["fc"]["kernel"]), np.float64)
+    return {"score": float(np.abs(kernel).sum()), "mean": float(kernel.mean()),
+            "epochs": int(jax.device_get(extras["epochs"]))}
+
+
+def eval_loop_config(**overrides):
+    """`loop_config` with `evaluate_state`'s 'score' as the best metric."""
+    return loop_config(**{"best_metric": "score", "best_mode": "max", **overrides})
+
+
+def save_final(result, out):
+    """Writes a FitResult's final variables and extras to `out` (.npz, keys 'variables/...',
+    'extras/...'); `load_final` reads them back as {key: numpy array}."""
+    import jax
+    import numpy as np
+    trees = {"variables": jax.device_get(result.state.variables),
+             "extras": jax.device_get(result.extras)}
+    flat = {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(trees)[0]}
+    np.savez(out, **flat)
+
+
+def load_final(out):
+    import numpy as np
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+def metrics_without_timing(workdir):
+    """metrics.jsonl records without the wall-clock fields (the rest is deterministic)."""
+    records = [json.loads(line) for line in
+               (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("images_per_s", None)
+        record.pop("epoch_seconds", None)
+    return records
+
+
+DAMAGE_KINDS = ("truncated_file", "missing_item", "broken_json", "flipped_bytes")
+
+
+def damage(folder, kind: str) -> pathlib.Path:
+    """Damages the checkpoint folder `folder` (a step folder, or a `save_variables` folder)
+    the way a bad disk or an interrupted copy would; returns the file or folder it changed.
+
+      truncated_file  the largest array data file (`.../d/<hash>`) loses its second half
+      missing_item    the `state` item folder is gone (a step folder only)
+      broken_json     a JSON metadata file is cut in half (`meta/metadata` in a step folder,
+                      `_METADATA` in a variables folder)
+      flipped_bytes   one byte in the middle of the largest array data file is inverted
+    """
+    import shutil
+    folder = pathlib.Path(folder)
+    data_files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(data_files, key=lambda p: p.stat().st_size)
+    if kind == "truncated_file":
+        largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+        return largest
+    if kind == "missing_item":
+        shutil.rmtree(folder / "state")
+        return folder / "state"
+    if kind == "broken_json":
+        step_folder = (folder / "meta").is_dir()
+        target = folder / "meta" / "metadata" if step_folder else folder / "_METADATA"
+        text = target.read_text()
+        json.loads(text)  # it was valid JSON
+        target.write_text(text[:len(text) // 2])
+        return target
+    if kind == "flipped_bytes":
+        data = bytearray(largest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        largest.write_bytes(bytes(data))
+        return largest
+    raise ValueError(f"damage kind must be one of {DAMAGE_KINDS}, got {kind!r}")
+
+
+KILL_EVENTS = ("step", "save", "tmpdir", "eval")
+
+
+def _kill_in(delay_s: float) -> None:
+    if delay_s <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    timer = threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+
+
+def install_killer(event: str, count: int, delay_s: float = 0.0, workdir=None) -> None:
+    """Makes this process SIGKILL itself `delay_s` seconds after the `count`-th `event`:
+
+      step    a step call of `loop.fit` returned (the step itself may still be running on the
+              devices; with a delay, a moment during the following steps);
+      save    `RunCheckpoints.save` or `.save_best` returned (the write goes on in the
+              background: with a small delay, a moment mid-write);
+      tmpdir  a new temporary checkpoint folder (`*.orbax-checkpoint-tmp*`) appeared under
+              `workdir`/ckpt or /best (mid-save, before the rename; polled every ms);
+      eval    an evaluate() call of `loop.fit` started (mid-evaluation).
+
+    It patches `rosjax.train.loop.fit` and `rosjax.checkpoint.RunCheckpoints`, so it works for
+    anything that trains through them (e.g. the experiment CLI run in-process after this).
+    """
+    if event not in KILL_EVENTS:
+        raise ValueError(f"kill event must be one of {KILL_EVENTS}, got {event!r}")
+    from rosjax import checkpoint
+    from rosjax.train import loop
+    seen = collections.Counter()
+    lock = threading.Lock()
+
+    def hit(name):
+        with lock:
+            seen[name] += 1
+            if name == event and seen[name] == count:
+                _kill_in(delay_s)
+
+    original_fit = loop.fit
+
+    def fit(state, step_fn, *args, evaluate=None, **kwargs):
+        def step(*step_args):
+            out = step_fn(*step_args)
+            hit("step")
+            return out
+        wrapped_eval = None
+        if evaluate is not None:
+            def wrapped_eval(st, extras):
+                hit("eval")
+                return evaluate(st, extras)
+        return original_fit(state, step, *args, evaluate=wrapped_eval, **kwargs)
+
+    loop.fit = fit
+    for name in ("save", "save_best"):
+        original = getattr(checkpoint.RunCheckpoints, name)
+
+        def saving(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            if out is not False:  # save_best returns False when it saved nothing
+                hit("save")
+            return out
+        setattr(checkpoint.RunCheckpoints, name, saving)
+
+    if event == "tmpdir":
+        if workdir is None:
+            raise ValueError("the tmpdir kill event needs the work directory")
+        folders = [pathlib.Path(workdir) / "ckpt", pathlib.Path(workdir) / "best"]
+
+        def watch():
+            known = set()
+            while True:
+                for folder in folders:
+                    try:
+                        names = [e.name for e in os.scandir(folder)]
+                    except FileNotFoundError:
+                        continue
+                    for name in names:
+                        if ".orbax-checkpoint-tmp" in name and (folder, name) not in known:
+                            known.add((folder, name))
+                            hit("tmpdir")
+                threading.Event().wait(0.001)
+
+        threading.Thread(target=watch, name="kill-watch", daemon=True).start()
+
+
+def parse_kill(spec: str) -> tuple[str, int, float]:
+    """'EVENT:N[:DELAY_S]' -> (event, n, delay)."""
+    parts = spec.split(":")
+    return parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+
+
+def kill_spec(event: str, count: int, delay_s: float = 0.0) -> str:
+    return f"{event}:{count}:{delay_s:.4f}"
+
+
+def random_kill_specs(rng, n: int, *, max_step: int = 8, max_save: int = 3,
+                      max_delay_s: float = 0.03) -> list[str]:
+    """`n` kill moments drawn from a numpy Generator: a mix of the `install_killer` events,
+    early enough in a run that the run is still going (counts are per process)."""
+    specs = []
+    for i in range(n):
+        event = KILL_EVENTS[i % len(KILL_EVENTS)] if i < len(KILL_EVENTS) else str(
+            rng.choice(KILL_EVENTS))
+        count = {"step": lambda: rng.integers(1, max_step + 1),
+                 "save": lambda: rng.integers(1, max_save + 1),
+                 "tmpdir": lambda: rng.integers(1, max_save + 1),
+                 "eval": lambda: 1}[event]()
+        delay = 0.0 if event == "tmpdir" or rng.random() < 0.3 else rng.uniform(0, max_delay_s)
+        specs.append(kill_spec(event, int(count), float(delay)))
+    return specs
+
+
+class ForkServer:
+    """Runs `main(argv)` of this module in forked children of one long-lived server process.
+
+        with ForkServer() as server:
+            rc = server.run(["fit", "--workdir", W, "--kill", "step:3"], log_path)
+    """
+
+    def __init__(self, timeout_s: float = 300):
+        self._timeout_s = timeout_s
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        self._proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__)), "serve"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env=env, cwd=str(pathlib.Path(__file__).parent))
+
+    def run(self, argv, log_path) -> int:
+        """Runs one child; returns its exit status (negative: killed by that signal)."""
+        self._proc.stdin.write(json.dumps({"argv": [str(a) for a in argv],
+                                           "log": str(log_path)}) + "\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], self._timeout_s)
+        if not ready:
+            self.close()
+            raise TimeoutError(f"worker {argv} did not finish in {self._timeout_s} s; "
+                               f"its log: {log_path}")
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died (exit {self._proc.wait()})")
+        return json.loads(line)["returncode"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve() -> None:
+    """The fork server's loop (see the module docstring)."""
+    import jax  # noqa: F401 - imported once here; the backend starts in each child
+    import flax  # noqa: F401
+    import grain  # noqa: F401
+    import optax  # noqa: F401
+    import orbax.checkpoint  # noqa: F401
+    from rosjax import checkpoint, models  # noqa: F401
+    from rosjax.train import loop, optim, parallel, state, steps  # noqa: F401
+    assert threading.active_count() == 1, threading.enumerate()  # fork needs a lone thread
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                main(request["argv"])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        sys.stdout.write(json.dumps({"returncode": code}) + "\n")
+        sys.stdout.flush()
+
+
 def main(argv):
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("fit", "multihost"))
-    parser.add_argument("--workdir", required=True)
+    parser.add_argument("mode", choices=("fit", "multihost", "serve"))
+    parser.add_argument("--workdir")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--kill-at-call", type=int, default=None)
+    parser.add_argument("--kill", default=None, help="EVENT:N[:DELAY_S], see install_killer")
+    parser.add_argument("--with-eval", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--port", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.mode == "serve":
+        _serve()
+        return
+    if args.workdir is None:
+        parser.error("--workdir is required")
 
     if args.mode == "fit":
         _use_cpu_devices(4)
         from rosjax.train import parallel
+        if args.kill:
+            install_killer(*parse_kill(args.kill), workdir=args.workdir)
         wrapper = _kill_after(args.kill_at_call) if args.kill_at_call else None
-        run_counting_fit(args.workdir, parallel.make_mesh(), epochs=args.epochs,
-                         step_wrapper=wrapper)
+        extra = {}
+        if args.with_eval:
+            extra = dict(evaluate=evaluate_state,
+                         cfg=eval_loop_config(checkpoint_every_steps=args.checkpoint_every))
+        elif args.checkpoint_every != 2:
+            extra = dict(cfg=loop_config(checkpoint_every_steps=args.checkpoint_every))
+        result = run_counting_fit(args.workdir, parallel.make_mesh(), epochs=args.epochs,
+                                  step_wrapper=wrapper, **extra)
+        if args.out:
+            save_final(result, args.out)
         return
 
     # gloo waits 30 s by default for the other process to join a collective; a loaded test

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
 import numpy as np
 
 from rosjax.config import ExperimentConfig
-from rosjax.eval import attacks, landscape, metrics
+from rosjax.eval import attacks, collapse, landscape, metrics
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
-from rosjax.experiment.training import test_metrics
 from rosjax.experiment.workdir import Workdir, read_json, write_json
+from rosjax.progress import bar
+from rosjax.train import evaluate as evaluate_lib
+from rosjax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,12 @@ def evaluate_all(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentDa
     `analyses=False` scores the settings only (sweep points skip attacks and landscapes).
     """
     results = {"settings": {}, "robustness": {}, "landscape": {}}
+    missing = [n for n in settings_to_evaluate(settings) if not (wd.root / "eval" / f"{n}.json").exists()]
+    if missing:
+        log.info("evaluate: test metrics of %s", ", ".join(missing))
     for name in settings_to_evaluate(settings):
-        def compute(name=name):
-            model, variables, _ = artifacts.load_setting(wd.root, name)
-            return {"test": test_metrics(cfg, data, model, variables, mesh)}
-        results["settings"][name] = cached(wd.path("eval", f"{name}.json"), compute)
+        results["settings"][name] = cached(wd.path("eval", f"{name}.json"),
+                                           functools.partial(score_setting, cfg, wd, data, name, mesh))
 
     compared = [s for s in ROBUSTNESS_SETTINGS if s in settings_to_evaluate(settings)]
     if analyses and compared:
@@ -63,16 +67,41 @@ def evaluate_all(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentDa
     return results
 
 
-def _attack_batches(cfg: ExperimentConfig, data: data_lib.ExperimentData):
+def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, name: str,
+                  mesh) -> dict[str, Any]:
+    """Test metrics of one model, plus the collapse checks of `rosjax.eval.collapse`.
+
+    Returns {'test': metrics (as `training.test_metrics`), 'collapse_check': prediction
+    statistics}, and 'collapsed': {symptom: description} when the test predictions are constant
+    or the training run's gradients died (logged as a WARNING naming the setting).
+    """
+    model, variables, _ = artifacts.load_setting(wd.root, name)
+    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
+    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits["test"]))
+    scores = metrics.scores_from_logits(out["logits"], multilabel=data.multilabel)
+    test = {**metrics.classification_metrics(out["label"], scores, multilabel=data.multilabel,
+                                             class_names=data.dataset.class_names),
+            "loss": float(np.mean(out["loss"]))}
+    result = {"test": test, "collapse_check": collapse.prediction_stats(scores, multilabel=data.multilabel)}
+    trained = "rosjax" if name == "baseline_v" else name  # baseline V is the raw student of the RoS-KD run
+    symptoms = {**collapse.prediction_symptoms(scores, multilabel=data.multilabel),
+                **collapse.gradient_symptoms(collapse.grad_norms_from_file(wd.setting_dir(trained) / loop.METRICS_FILE))}
+    if symptoms:
+        log.warning("COLLAPSE: setting %s (test split): %s", name, collapse.describe(symptoms))
+        result["collapsed"] = symptoms
+    return result
+
+
+def _attack_rows(cfg: ExperimentConfig, data: data_lib.ExperimentData) -> np.ndarray:
+    """The attacked test rows: the first `attack_examples` of the test split (0: all)."""
     rows = data.splits["test"]
-    if cfg.evaluation.attack_examples:
-        rows = rows[:cfg.evaluation.attack_examples]
-    return data_lib.eval_batches(data, cfg, rows)
+    return rows[:cfg.evaluation.attack_examples] if cfg.evaluation.attack_examples else rows
 
 
 def robustness(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, names) -> dict[str, Any]:
     """Table II: macro precision / recall / F1 before and after FGSM and PGD, per setting."""
     e = cfg.evaluation
+    log.info("evaluate: FGSM and PGD (l%s, eps %.3f) against %s", e.attack_norm, e.attack_eps, ", ".join(names))
     out: dict[str, Any] = {}
     for method in ("fgsm", "pgd"):
         attack = attacks.AttackConfig(method=method, norm=e.attack_norm, eps=e.attack_eps, steps=e.pgd_steps)
@@ -81,8 +110,11 @@ def robustness(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData
         for name in names:
             model, variables, _ = artifacts.load_setting(wd.root, name)
             apply_fn = functools.partial(model.apply, train=False)
-            y, clean, adv = attacks.evaluate_under_attack(apply_fn, variables, _attack_batches(cfg, data), attack,
-                                                          jax.random.key(cfg.seed), multilabel=data.multilabel)
+            rows = _attack_rows(cfg, data)
+            with bar(math.ceil(len(rows) / cfg.data.eval_batch_size), f"{method.upper()} on {name}") as progress:
+                batches = (progress.update(1) or batch for batch in data_lib.eval_batches(data, cfg, rows))
+                y, clean, adv = attacks.evaluate_under_attack(apply_fn, variables, batches, attack,
+                                                              jax.random.key(cfg.seed), multilabel=data.multilabel)
             score = functools.partial(metrics.classification_metrics, multilabel=data.multilabel,
                                       class_names=data.dataset.class_names)
             out[label][name] = {"before": _headline(score(y, clean)), "after": _headline(score(y, adv)),
@@ -98,6 +130,7 @@ def _headline(m: dict[str, Any]) -> dict[str, Any]:
 def landscapes(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, names) -> dict[str, Any]:
     """Figure 4: loss surfaces around each compared setting, same direction seed and test images."""
     e = cfg.evaluation
+    log.info("evaluate: loss landscapes (%d x %d grid) of %s", e.landscape_grid, e.landscape_grid, ", ".join(names))
     rows = data.splits["test"][:e.landscape_examples]
     batches = data_lib.eval_batches(data, cfg, rows, batch_size=len(rows))
     batch = next(iter(batches))

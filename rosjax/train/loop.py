@@ -5,7 +5,10 @@ train iterator (grain `DatasetIterator`: `next`, `get_state`, `set_state`; infin
 `...repeat().batch(...)`), `steps_per_epoch` steps per epoch, and at every epoch end:
 `on_epoch_end` (may update `extras`), `evaluate`, one JSON line in `<workdir>/metrics.jsonl`,
 the best checkpoint by a validation metric and a resume checkpoint. Restarting with the same
-work directory resumes from the latest checkpoint at the exact batch.
+work directory resumes from the latest intact checkpoint at the exact batch (a damaged one is
+skipped with a warning, see `rosjax.checkpoint`), and the resumed run's parameters and
+metrics.jsonl (but for the timing fields) are those of a run that never stopped: checkpoints
+carry the running sums of the current epoch's train metrics.
 
 The host never waits for the devices inside a step: batches are placed on the devices
 `prefetch_batches` ahead, and step metrics stay on the devices until they are read every
@@ -95,10 +98,11 @@ class _DeviceFeeder:
 class _StepMetrics:
     """Step metrics kept on the devices until `flush` reads them (a few at a time)."""
 
-    def __init__(self, first_step: int, batch_size: int):
+    def __init__(self, first_step: int, batch_size: int, sums: dict[str, float] | None = None,
+                 count: int = 0):
         self._pending: list[tuple[int, dict]] = []
-        self._sums: dict[str, float] = collections.defaultdict(float)
-        self._count = 0
+        self._sums: dict[str, float] = collections.defaultdict(float, sums or {})
+        self._count = count
         self._batch_size = batch_size
         self._last_time = time.perf_counter()
         self._last_step = first_step
@@ -138,6 +142,10 @@ class _StepMetrics:
     def means(self) -> dict[str, float]:
         return {k: v / self._count for k, v in self._sums.items()} if self._count else {}
 
+    def totals(self) -> dict[str, Any]:
+        """The running sums and their count (flushed steps only), for a checkpoint's meta."""
+        return {"train_sums": dict(self._sums), "train_count": self._count}
+
 
 def _rewrite_metrics_log(path: pathlib.Path, completed_epochs: int) -> None:
     """Drops lines of epochs that the restored checkpoint does not include (they will rerun)."""
@@ -161,6 +169,11 @@ def _to_json(value):
         return np.asarray(value).tolist()
     raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not "
                     "JSON-serialisable")
+
+
+def _rounded(value) -> str:
+    """A metric for the console: 4 significant digits, `-` when missing."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _best_value(val: dict, name: str):
@@ -209,10 +222,10 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
     ckpts = checkpoint.RunCheckpoints(workdir, keep=cfg.keep_checkpoints, best_mode=cfg.best_mode,
                                       async_save=cfg.async_checkpointing)
     try:
-        latest = ckpts.latest_step()
-        if latest is not None:
-            restored = ckpts.restore(latest, abstract_state=checkpoint.abstract_like(state),
-                                     abstract_extras=checkpoint.abstract_like(extras))
+        restored = ckpts.restore_latest(abstract_state=checkpoint.abstract_like(state),
+                                        abstract_extras=checkpoint.abstract_like(extras))
+        epoch_totals = None
+        if restored is not None:
             if restored.meta["steps_per_epoch"] != steps_per_epoch:
                 raise ValueError(
                     f"{ckpts.directory} was written with steps_per_epoch="
@@ -220,30 +233,37 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
                     "fresh work directory or the original batch size and dataset")
             state, extras, run_key = restored.state, restored.extras, restored.run_key
             train_iter.set_state(restored.iterator_state)
-            log.info("resuming from %s at step %d", ckpts.directory, latest)
+            if "train_sums" in restored.meta:
+                epoch_totals = (restored.meta["train_sums"], restored.meta["train_count"])
+            log.info("resuming from %s at step %d", ckpts.directory, restored.step)
         step = int(jax.device_get(state.step))
         metrics_path = workdir / METRICS_FILE
         if main_process:
             _rewrite_metrics_log(metrics_path, step // steps_per_epoch)
         return _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                     mesh, cfg, evaluate, on_epoch_end, extras, schedule, ckpts,
-                    metrics_path if main_process else None)
+                    metrics_path if main_process else None,
+                    epoch_totals if step % steps_per_epoch else None)
     finally:
         ckpts.close()
 
 
 def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch, mesh, cfg,
-         evaluate, on_epoch_end, extras, schedule, ckpts, metrics_path):
-    """The epoch loop of `fit`, from host step `step` on."""
+         evaluate, on_epoch_end, extras, schedule, ckpts, metrics_path, epoch_totals=None):
+    """The epoch loop of `fit`, from host step `step` on.
+
+    epoch_totals: (train metric sums, count) of the steps of the current epoch before `step`
+    (a run resumed mid-epoch), so that the epoch's train means cover the whole epoch.
+    """
     total_steps = num_epochs * steps_per_epoch
     key = parallel.replicate(run_key, mesh)
     feeder = _DeviceFeeder(train_iter, mesh, cfg.prefetch_batches)
     show = (cfg.progress if cfg.progress is not None else sys.stdout.isatty()) and (
         metrics_path is not None)
 
-    def meta(at_step):
+    def meta(at_step, tracker):
         return {"step": at_step, "epoch": at_step / steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch}
+                "steps_per_epoch": steps_per_epoch, **tracker.totals()}
 
     history = []
     while step < total_steps:
@@ -258,7 +278,8 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
             batch, position = feeder.next()
             if tracker is None:
                 batch_size = jax.tree.leaves(batch)[0].shape[0]
-                tracker = _StepMetrics(step, batch_size)
+                sums, count = epoch_totals or (None, 0)
+                tracker, epoch_totals = _StepMetrics(step, batch_size, sums, count), None
             state, metrics = step_fn(state, batch, key)
             tracker.add(step, metrics)
             step += 1
@@ -270,7 +291,7 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                                 img_s=f"{tracker.images_per_s:.1f}", refresh=False)
                 bar.update(read)
             if mid_checkpoint:
-                ckpts.save(step, state=state, run_key=run_key, meta=meta(step),
+                ckpts.save(step, state=state, run_key=run_key, meta=meta(step, tracker),
                            iterator_state=position, extras=extras)
         bar.close()
         train_seconds = time.perf_counter() - epoch_start
@@ -294,21 +315,19 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
             value = _best_value(val, cfg.best_metric)
             if value is not None:
                 ckpts.save_best(step, value, state=state, run_key=run_key, extras=extras,
-                                meta={**meta(step), "best_metric": cfg.best_metric,
+                                meta={**meta(step, tracker), "best_metric": cfg.best_metric,
                                       "value": value})
             record["best_value"] = ckpts.best_value()
         history.append(record)
         if metrics_path is not None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record, default=_to_json) + "\n")
-            summary = " ".join(f"{k} {v:.4g}" for k, v in record["train"].items())
+            summary = " ".join(f"{k} {_rounded(v)}" for k, v in record["train"].items())
             if cfg.best_metric is not None:
-                summary += (f" | val {cfg.best_metric} {val.get(cfg.best_metric)} "
-                            f"(best {record['best_value']})")
-            log.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, summary)
-            if show:
-                tqdm.tqdm.write(f"epoch {epoch + 1}/{num_epochs} step {step}: {summary}",
-                                file=sys.stdout)
-        ckpts.save(step, state=state, run_key=run_key, meta=meta(step), iterator_state=position,
-                   extras=extras)
+                summary += (f" | val {cfg.best_metric} {_rounded(val.get(cfg.best_metric))} "
+                            f"(best {_rounded(record['best_value'])})")
+            log.info("epoch %d/%d: %s | %.1f s", epoch + 1, num_epochs, summary,
+                     record["epoch_seconds"])
+        ckpts.save(step, state=state, run_key=run_key, meta=meta(step, tracker),
+                   iterator_state=position, extras=extras)
     return FitResult(state=state, extras=extras, history=history)
