@@ -46,7 +46,10 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     return dataclasses.replace(
         cfg,
         smoke=True,
-        data=dataclasses.replace(cfg.data, manual_dir=str(sample_dir(cfg.data.dataset)),
+        # csv_images has no bundled samples: the smoke run keeps the user's --data.manual_dir.
+        data=dataclasses.replace(cfg.data,
+                                 manual_dir=(cfg.data.manual_dir if cfg.data.dataset == "csv_images"
+                                             else str(sample_dir(cfg.data.dataset))),
                                  data_dir="~/.cache/rosjax/tensorflow_datasets", stored_size=64,
                                  image_size=32, eval_batch_size=32),
         optim=dataclasses.replace(cfg.optim, epochs=3, batch_size=16, learning_rate=0.05, milestones=(2,)),

@@ -22,7 +22,7 @@ PAPER_TEACHERS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet1
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str                       # TFDS builder name: "isic2019" or "nih_chestxray14".
+    dataset: str                       # TFDS builder name: "isic2019", "nih_chestxray14" or "csv_images" (your own CSV + images).
     data_dir: str = "~/tensorflow_datasets"  # Where TFDS stores the prepared ArrayRecord files.
     manual_dir: str | None = None      # Folder with already-downloaded raw files (None: <data_dir>/downloads/manual, else download).
     stored_size: int | None = None     # Builder config (stored image side in px); None: the builder's default.
@@ -40,6 +40,15 @@ class DataConfig:
     eval_batch_size: int = 128         # Global batch of evaluation passes (padded, masked).
     download: str = "auto"             # "auto": fetch missing public files; "never": fail at once naming what is missing.
     skip_corrupt_images: bool = False  # Preparation: leave out undecodable images (counted) instead of stopping.
+    csv: str | None = None             # csv_images: the label table (a path, or a file name under manual_dir).
+    image_column: str = ""             # csv_images: column of image file names (with or without extension).
+    label_columns: tuple[str, ...] = ()  # csv_images: one column of class names, or several 0/1 columns (multi-label).
+    label_separator: str = ""          # csv_images: e.g. "|": the one label column lists findings (multi-label).
+    group_column: str = ""             # csv_images: patient/lesion id of the grouped split ("": each image its own group).
+    channels: int | None = None        # csv_images: stored channels, 1 (greyscale) or 3 (RGB); None: 3.
+    split_file: str | None = None      # Fixed split instead of --data.split: a split.json, or a folder of train/validation/test.txt ids.
+    views: str = "both"                # NIH: view positions kept, "PA", "AP" or "both" (the paper).
+    one_image_per_patient: bool = False  # NIH: keep only each patient's first image (lowest follow-up).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

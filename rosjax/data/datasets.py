@@ -24,10 +24,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rosjax.data import isic2019, nih_chestxray14
+from rosjax.data import csv_images, isic2019, nih_chestxray14
 from rosjax.data.builder_utils import DataError
 
-_BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14}
+_BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14, "csv_images": csv_images}
 DATASETS = tuple(_BUILDERS)
 _SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
 # --data.download: "auto" downloads public input files missing from the manual directory,
@@ -66,14 +66,17 @@ def sample_dir(name: str) -> pathlib.Path:
 def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
             image_size: int | None = None, prepare_if_missing: bool = True,
             download: str = "auto", labels: str | Sequence[str] | None = None,
-            skip_corrupt_images: bool = False) -> PreparedDataset:
+            skip_corrupt_images: bool = False, csv: str | None = None, image_column: str = "",
+            label_columns: Sequence[str] = (), label_separator: str = "", group_column: str = "",
+            channels: int | None = None) -> PreparedDataset:
     """Prepares (if needed) and opens dataset `name` stored in `data_dir`.
 
     Args:
       name: 'isic2019' or 'nih_chestxray14'.
       data_dir: the TFDS data directory (prepared data goes to <data_dir>/<name>/<size>/).
       manual_dir: where the input files are (default <data_dir>/downloads/manual/).
-      image_size: one of the builder's sizes (32, 64, 96, 128, 224, 256); None = 256.
+      image_size: one of the builder's sizes (32, 64, 96, 128, 224, 256; nih_chestxray14 and
+        csv_images also 512); None = 256.
       prepare_if_missing: False only opens an already prepared dataset (DataError if there
         is none); True prepares it first when needed, from manual_dir or by downloading.
       download: 'auto' downloads input files missing from manual_dir (where they have a
@@ -83,7 +86,18 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
         labels, 'all' = all 14. ISIC takes None (its 8 classes).
       skip_corrupt_images: while preparing, leave unreadable images out instead of failing
         (they are listed in the dataset's metadata.json).
+      csv, image_column, label_columns, label_separator, group_column, channels: csv_images
+        only (see rosjax.data.csv_images): the label table (a path, or a name under
+        manual_dir), its columns, and the stored channel count (1 or 3; None = 3). For a
+        multi-label table `labels` selects classes (None = all); a one-label one takes None.
     """
+    if name == "csv_images":
+        return _prepare_csv(data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
+                            prepare_if_missing=prepare_if_missing, labels=labels,
+                            skip_corrupt_images=skip_corrupt_images, csv=csv,
+                            image_column=image_column, label_columns=label_columns,
+                            label_separator=label_separator, group_column=group_column,
+                            channels=3 if channels is None else channels)
     module = _BUILDERS[_check_name(name)]
     size = module.DEFAULT_IMAGE_SIZE if image_size is None else image_size
     if size not in module.IMAGE_SIZES:
@@ -129,6 +143,63 @@ def prepare(name: str, *, data_dir: str | os.PathLike, manual_dir: str | os.Path
         metadata={"all_labels": all_labels,
                   **{k: columns[k] for k in ("image_id", "follow_up", "view_position", "age",
                                              "sex")}})
+
+
+def _prepare_csv(*, data_dir, manual_dir, image_size, prepare_if_missing, labels,
+                 skip_corrupt_images, csv, image_column, label_columns, label_separator,
+                 group_column, channels) -> PreparedDataset:
+    """`prepare` of csv_images: the config (and its name) comes from the label table."""
+    if not csv or not image_column or not label_columns:
+        raise DataError("csv_images needs --data.csv, --data.image_column and "
+                        "--data.label_columns (see README, 'Your own dataset').")
+    config, table = csv_images.csv_config(
+        csv=csv, manual_dir=manual_dir, image_column=image_column, label_columns=label_columns,
+        label_separator=label_separator, group_column=group_column, channels=channels,
+        image_size=csv_images.DEFAULT_IMAGE_SIZE if image_size is None else image_size)
+    if table.multilabel:
+        selected = table.class_names if not labels or labels == "all" else tuple(labels)
+        unknown = [x for x in selected if x not in table.class_names]
+        if unknown or len(set(selected)) != len(selected):
+            raise DataError(f"--data.labels={','.join(selected)}: unknown {unknown} or repeated; "
+                            f"the classes of {table.path} are {list(table.class_names)} (--data.labels=all "
+                            "learns every one; experiments.nih_cxr defaults to the 8 ChestX-ray8 "
+                            "findings).")
+    elif labels:
+        raise DataError(f"--data.labels={labels}: {table.path} is a one-label table (classes "
+                        f"{list(table.class_names)}); leave --data.labels empty.")
+
+    def make_builder():
+        return csv_images.Builder(config=config, data_dir=os.fspath(data_dir),
+                                  file_format="array_record", skip_corrupt_images=skip_corrupt_images,
+                                  allow_download=False)
+
+    builder = make_builder()
+    if not builder.is_prepared():
+        if not prepare_if_missing:
+            raise DataError(f"csv_images {config.name} ({table.path}) is not prepared in "
+                            f"{data_dir}; call prepare(..., prepare_if_missing=True) to build it.")
+        with _preparation_lock(pathlib.Path(data_dir) / "csv_images", config.name):
+            builder = make_builder()
+            if not builder.is_prepared():
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.fspath(os.path.expanduser(manual_dir)) if manual_dir else
+                    os.fspath(table.path.parent), try_download_gcs=False))
+    columns = builder.columns()
+    if table.multilabel:
+        index = [table.class_names.index(x) for x in selected]
+        all_labels = columns["labels"]
+        label_array = all_labels[:, index].astype(np.float32)
+        class_names = selected
+    else:
+        label_array, class_names = columns["label"].astype(np.int32), table.class_names
+    metadata = {"image_id": columns["image_id"]}
+    if table.multilabel:
+        metadata["all_labels"] = all_labels
+    return PreparedDataset(
+        source=builder.as_data_source(split="train"), labels=label_array,
+        groups=columns["group_id"], class_names=class_names, multilabel=table.multilabel,
+        num_channels=channels, image_size=config.image_size, official_test=None,
+        metadata=metadata)
 
 
 @contextlib.contextmanager

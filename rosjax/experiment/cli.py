@@ -167,6 +167,9 @@ def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str]
     130: interrupted (rerun the same command to resume).
     """
     cfg, workdir, stages, settings, teacher, flags = parse_args(sys.argv[1:] if argv is None else argv, get_config)
+    if not flags["verbose"]:
+        # XLA's C++ log (e.g. its "Very slow compile?" alarm on a CPU), read when jaxlib starts.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     configure_logging(flags["verbose"])
     try:
         from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)

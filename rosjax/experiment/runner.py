@@ -54,6 +54,7 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     validate.check_batches(cfg, lambda **point: data if not point else data_lib.load(cfg, **point), stages=stages)
     check_config(wd.root, config_lib.to_dict(cfg))
     write_json(wd.path("data", "summary.json"), data_lib.summary(data, cfg))
+    data_lib.write_split(data, cfg, wd.path("data", "split.json"))
     if "teachers" in stages:
         indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
         for i in indices:

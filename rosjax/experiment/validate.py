@@ -28,10 +28,15 @@ from rosjax.models import MODEL_NAMES
 
 ARCHITECTURES = (*MODEL_NAMES, "tiny_cnn")
 DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
-            "nih_chestxray14": {"channels": 1, "multilabel": True, "noise": ("flip",)}}
-# The stored sizes of both builders (rosjax.data.*.IMAGE_SIZES), kept here so that checking
-# options does not import TFDS.
+            "nih_chestxray14": {"channels": 1, "multilabel": True, "noise": ("flip",)},
+            # Your own CSV + images: channels from --data.channels, multi-label with several
+            # --data.label_columns or a --data.label_separator (see `_dataset_facts`).
+            "csv_images": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")}}
+# The stored sizes of the builders (rosjax.data.*.IMAGE_SIZES), kept here so that checking
+# options does not import TFDS. 512: nih_chestxray14 and csv_images only.
 STORED_SIZES = (32, 64, 96, 128, 224, 256)
+LARGE_STORED_SIZES = {"nih_chestxray14": (512,), "csv_images": (512,)}
+NIH_VIEWS = ("both", "PA", "AP")
 
 
 class ConfigError(UserError, ValueError):
@@ -87,22 +92,51 @@ def _check_top(p: _Problems, cfg: ExperimentConfig, settings, known_settings) ->
     p.require(cfg.log_every_steps >= 1, "log_every_steps", cfg.log_every_steps, "must be >= 1")
 
 
+def _dataset_facts(cfg: ExperimentConfig) -> dict | None:
+    """DATASETS[dataset], for csv_images completed from its label and channel options."""
+    d = cfg.data
+    facts = DATASETS.get(d.dataset)
+    if d.dataset == "csv_images":
+        multilabel = len(d.label_columns) > 1 or bool(d.label_separator)
+        facts = {"channels": d.channels if d.channels in (1, 3) else 3, "multilabel": multilabel,
+                 "noise": ("flip",) if multilabel else ("symmetric", "pair")}
+    return facts
+
+
 def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     d = cfg.data
     p.one_of("data.dataset", d.dataset, tuple(DATASETS))
-    facts = DATASETS.get(d.dataset)
-    p.require(d.stored_size is None or d.stored_size in STORED_SIZES, "data.stored_size", d.stored_size,
-              f"expected one of {', '.join(map(str, STORED_SIZES))}")
+    facts = _dataset_facts(cfg)
+    sizes = (*STORED_SIZES, *LARGE_STORED_SIZES.get(d.dataset, ()))
+    p.require(d.stored_size is None or d.stored_size in sizes, "data.stored_size", d.stored_size,
+              f"expected one of {', '.join(map(str, sizes))}")
     p.require(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8 px")
     stored = d.stored_size or max(STORED_SIZES)
     p.require(d.image_size <= stored, "data.image_size", d.image_size,
               f"larger than the stored images ({stored} px, --data.stored_size)")
     if d.dataset == "isic2019":
         p.require(not d.labels, "data.labels", d.labels, "isic2019 has its 8 classes; leave --data.labels empty")
-    elif d.labels:
+    elif d.dataset == "csv_images":
+        p.require(not d.labels or facts["multilabel"], "data.labels", d.labels,
+                  "a one-label table (one --data.label_columns, no --data.label_separator) learns all "
+                  "its classes; leave --data.labels empty")
+    elif d.labels and d.labels != ("all",):
         from rosjax.data.nih_chestxray14 import LABEL_NAMES  # noqa: PLC0415 (TFDS import, only when needed)
         for label in d.labels:
-            p.require(label in LABEL_NAMES, "data.labels", label, f"unknown finding; valid: {', '.join(LABEL_NAMES)}")
+            p.require(label in LABEL_NAMES, "data.labels", label,
+                      f"unknown finding; valid: all, or some of {', '.join(LABEL_NAMES)}")
+    _check_csv_images(p, cfg)
+    p.require(d.views in NIH_VIEWS, "data.views", d.views, f"expected one of {', '.join(NIH_VIEWS)}")
+    p.require(d.dataset == "nih_chestxray14" or (d.views == "both" and not d.one_image_per_patient),
+              "data.views" if d.views != "both" else "data.one_image_per_patient",
+              d.views if d.views != "both" else d.one_image_per_patient,
+              "a chest X-ray protocol option: only nih_chestxray14 has view positions and follow-ups")
+    if d.split_file:
+        path = pathlib.Path(d.split_file).expanduser()
+        p.require(path.exists(), "data.split_file", d.split_file,
+                  "no such file or folder (a split.json, or a folder of train.txt, validation.txt, test.txt)")
+        p.require(d.split == "grouped", "data.split", d.split,
+                  "--data.split_file fixes the split; leave --data.split at grouped")
     p.one_of("data.split", d.split, ("grouped", "official"))
     p.require(d.split != "official" or d.dataset == "nih_chestxray14", "data.split", d.split,
               "only nih_chestxray14 has official lists")
@@ -127,6 +161,30 @@ def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check_batch(p, "data.eval_batch_size", d.eval_batch_size, devices)
     p.one_of("data.download", d.download, ("auto", "never"))
+
+
+def _check_csv_images(p: _Problems, cfg: ExperimentConfig) -> None:
+    """The csv_images options: required with csv_images, refused with the paper datasets."""
+    d = cfg.data
+    if d.dataset != "csv_images":
+        for field in ("csv", "image_column", "label_columns", "label_separator", "group_column"):
+            value = getattr(d, field)
+            p.require(not value, f"data.{field}", value, "only for --data.dataset=csv_images (your own CSV)")
+        p.require(d.channels is None or d.channels == DATASETS.get(d.dataset, {}).get("channels"),
+                  "data.channels", d.channels, f"{d.dataset} has a fixed channel count; leave --data.channels unset")
+        return
+    p.require(bool(d.csv), "data.csv", d.csv, "csv_images needs the label table (a CSV path)")
+    p.require(bool(d.image_column), "data.image_column", d.image_column,
+              "csv_images needs the CSV column of image file names")
+    p.require(len(d.label_columns) >= 1, "data.label_columns", d.label_columns,
+              "csv_images needs the label column(s): one of class names, or several 0/1 columns")
+    p.require(len(set(d.label_columns)) == len(d.label_columns), "data.label_columns", d.label_columns,
+              "a column is named twice")
+    p.require(not d.label_separator or len(d.label_columns) == 1, "data.label_separator", d.label_separator,
+              "splits one column of findings; give exactly one --data.label_columns")
+    p.require(d.channels in (None, 1, 3), "data.channels", d.channels, "expected 1 (greyscale) or 3 (RGB)")
+    p.require(not d.group_column or d.group_column not in (d.image_column, *d.label_columns),
+              "data.group_column", d.group_column, "must differ from the image and label columns")
 
 
 def _check_batch(p: _Problems, option: str, value: int, devices: int) -> None:
