@@ -131,6 +131,22 @@ class ExperimentConfig:
 # Generic helpers: dict round-trip and dotted overrides.
 
 
+def field_default(dotted: str, root: type = None) -> Any:
+    """The declared default of a field of ExperimentConfig by dotted path (JSON form), or a
+    sentinel object that equals nothing when the field has none or does not exist."""
+    node = root or ExperimentConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(node):
+            return object()
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if leaf not in fields or fields[leaf].default is dataclasses.MISSING:
+        return object()
+    default = fields[leaf].default
+    return to_dict(default) if dataclasses.is_dataclass(default) else json.loads(json.dumps(default))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-serialisable dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)

@@ -185,3 +185,16 @@ def test_concurrent_json_writes_never_collide(tmp_path):
         t.join()
     assert not errors and read_json(path)["i"] == 49
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_field_added_after_the_run_started_does_not_block_resuming(tmp_path):
+    """A work directory recorded before `data.views` existed resumes while the field keeps its default."""
+    from rosjax.experiment.workdir import WorkdirConflictError, check_config  # noqa: PLC0415
+
+    cfg = lesion.get_config(smoke=True)
+    recorded = C.to_dict(cfg)
+    del recorded["data"]["views"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    check_config(tmp_path, C.to_dict(cfg), write=False)  # the default: same results as before
+    with pytest.raises(WorkdirConflictError, match="data.views None -> 'PA'"):
+        check_config(tmp_path, C.to_dict(C.apply_overrides(cfg, {"data.views": "PA"})), write=False)

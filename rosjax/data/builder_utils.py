@@ -46,9 +46,10 @@ import PIL.ImageOps
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import shuffle as tfds_shuffle
-from tensorflow_datasets.core.download import downloader as tfds_downloader
 from tensorflow_datasets.core import utils as tfds_utils
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 
+from rosjax import atomic
 from rosjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -448,14 +449,10 @@ class ResizedImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                 columns[key] = np.array([v.decode("utf-8") for v in values], dtype=str)
             else:
                 columns[key] = np.array(values)
-        tmp = path.with_name(f"{COLUMNS_FILE}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **columns)
-            os.replace(tmp, path)  # atomic: concurrent readers see all or nothing
-        except OSError:  # a read-only data dir: no cache
-            with contextlib.suppress(OSError):  # unlink raises EROFS even for a missing file
-                tmp.unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **columns)
+        with contextlib.suppress(OSError):  # a read-only data dir: no cache
+            atomic.write_bytes(path, buffer.getvalue())  # concurrent readers see all or nothing
         return columns
 
     def _resize_or_skip(self, data: bytes, name: str, mode: str) -> bytes | None:

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rosjax import atomic
 from rosjax.data import pipeline
 from rosjax.distill import steps as distill_steps
 from rosjax.progress import bar
@@ -87,13 +88,6 @@ def unpack_view(record: np.ndarray) -> pipeline.AugmentView:
         box=tuple(int(v) for v in record["box"]), horizontal_flip=bool(record["flips"][0]),
         vertical_flip=bool(record["flips"][1]), angle=optional(record["angle"]),
         brightness=brightness, contrast=contrast, saturation=saturation)
-
-
-def _write_json(path: pathlib.Path, payload: Any) -> None:
-    """Atomic write: a reader (or a resumed build) sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _read_json(path: pathlib.Path) -> Any:
@@ -245,8 +239,8 @@ def _open_arrays(directory: pathlib.Path, meta: dict, rows: np.ndarray):
     if mode == "w+":
         views.flush()
         logits.flush()
-        _write_json(directory / PROGRESS_FILE, {"done": 0, "total": shapes[0] * shapes[1]})
-        _write_json(directory / META_FILE, meta)  # last: its presence means the files exist
+        atomic.write_json(directory / PROGRESS_FILE, {"done": 0, "total": shapes[0] * shapes[1]})
+        atomic.write_json(directory / META_FILE, meta)  # last: its presence means the files exist
     return views, logits
 
 
@@ -342,7 +336,7 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
         flat_views[flat] = host["views"]
         views.flush()
         logits.flush()
-        _write_json(directory / PROGRESS_FILE, {"done": int(flat[-1]) + 1, "total": total})
+        atomic.write_json(directory / PROGRESS_FILE, {"done": int(flat[-1]) + 1, "total": total})
         progress.update(1)
 
     pending = None

@@ -124,7 +124,8 @@ def enable_compilation_cache() -> None:
     location = os.environ.get("ROSJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/rosjax/xla"))
     if location:
         jax.config.update("jax_compilation_cache_dir", location)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # Every program, however quick to compile: a resumed run then starts without compiling.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class _QuietLibraries(logging.Filter):

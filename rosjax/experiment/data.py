@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rosjax import atomic
 from rosjax.config import ExperimentConfig
 from rosjax.data import DataError, datasets, noise, pipeline, splits
 from rosjax.data.builder_utils import decode_text
@@ -180,9 +181,7 @@ def write_split(data: ExperimentData, cfg: ExperimentConfig, path: str | os.Path
     }
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(out, indent=1) + "\n")
     return out
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
+from rosjax import atomic
+from rosjax import config as config_lib
 from rosjax.errors import UserError
 
 
@@ -87,11 +88,7 @@ class StageClaim:
 
 def write_json(path: pathlib.Path, payload: Any) -> None:
     """Writes JSON atomically: readers see the old file or the new one, never half of one."""
-    # A unique temporary name: concurrent jobs (one per teacher) write the same files.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_json(path, payload)  # unique temporary names: concurrent jobs write the same files
 
 
 def read_json(path: pathlib.Path) -> Any:
@@ -127,7 +124,8 @@ def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = Tr
 
     A resumed run must use the configuration it started with; mixing two in one work
     directory would silently combine incompatible checkpoints and results. Fields of
-    `NOT_RESULT_FIELDS` may differ (the recorded file is updated to the latest values).
+    `NOT_RESULT_FIELDS` may differ (the recorded file is updated to the latest values), and a
+    field added to rosjax after the run started counts as unchanged while it has its default.
     `write=False` only checks.
     """
     config = json.loads(json.dumps(config))  # tuples -> lists, as they are stored
@@ -138,7 +136,8 @@ def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = Tr
         except json.JSONDecodeError as err:
             raise WorkdirConflictError(f"{path} is damaged ({err.msg} at line {err.lineno}); restore it, or "
                                        "delete it to adopt this run's options") from None
-        changed = sorted(k for k in _diff(previous, config) if k not in NOT_RESULT_FIELDS)
+        changed = sorted(k for k in _diff(previous, config) if k not in NOT_RESULT_FIELDS
+                         and not (_absent(previous, k) and _get(config, k) == config_lib.field_default(k)))
         if changed:
             shown = ", ".join(f"{k} {_get(previous, k)!r} -> {_get(config, k)!r}" for k in changed[:6])
             raise WorkdirConflictError(f"{root} holds a run of another configuration ({shown}); "
@@ -146,6 +145,14 @@ def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = Tr
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, config)
+
+
+def _absent(tree: dict, dotted: str) -> bool:
+    """Whether a (newer) field is missing from a recorded configuration."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return not isinstance(tree, dict) or leaf not in tree
 
 
 def _get(tree: dict, dotted: str) -> Any:

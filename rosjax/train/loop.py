@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import tqdm
 
-from rosjax import checkpoint
+from rosjax import atomic, checkpoint
 from rosjax.train import parallel
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ def _rewrite_metrics_log(path: pathlib.Path, completed_epochs: int) -> None:
                 lines.append(line)
         except json.JSONDecodeError:  # a line cut short by a killed process
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _to_json(value):
