@@ -121,7 +121,7 @@ class ExperimentConfig:
     distill: DistillConfig = DistillConfig()
     evaluation: EvalConfig = EvalConfig()
     sweeps: SweepConfig = SweepConfig()
-    settings: tuple[str, ...] = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "rosjax")
+    settings: tuple[str, ...] = ()     # Student settings to train (rosjax.experiment.settings); empty: every one.
     checkpoint_every_steps: int = 500  # Mid-epoch checkpoint interval (a checkpoint is also written each epoch).
     log_every_steps: int = 50          # Host fetches step metrics this often (no per-step synchronisation).
     smoke: bool = False                # Small CPU run of the whole pipeline on the bundled sample files.

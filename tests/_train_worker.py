@@ -94,6 +94,7 @@ def make_state_and_step(mesh, *, epochs: int = 2):
 @functools.lru_cache(maxsize=None)
 def _initial_state_and_step(mesh):
     import jax
+
     from rosjax import models
     from rosjax.config import OptimConfig
     from rosjax.train import optim, parallel, state, steps
@@ -115,6 +116,7 @@ def loop_config(**overrides):
 def run_fit(workdir, mesh, *, epochs: int = 2, step_wrapper=None, iterator=None, **fit_kwargs):
     """`loop.fit` on the tiny run; returns the FitResult."""
     import jax
+
     from rosjax.train import loop
     st, step, schedule = make_state_and_step(mesh, epochs=epochs)
     if step_wrapper is not None:
@@ -400,11 +402,12 @@ class ForkServer:
 
 def _serve() -> None:
     """The fork server's loop (see the module docstring)."""
-    import jax  # noqa: F401 - imported once here; the backend starts in each child
     import flax  # noqa: F401
     import grain  # noqa: F401
+    import jax  # noqa: F401 - imported once here; the backend starts in each child
     import optax  # noqa: F401
     import orbax.checkpoint  # noqa: F401
+
     from rosjax import checkpoint, models  # noqa: F401
     from rosjax.train import loop, optim, parallel, state, steps  # noqa: F401
     assert threading.active_count() == 1, threading.enumerate()  # fork needs a lone thread

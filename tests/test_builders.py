@@ -22,8 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from rosjax import data
-from rosjax.data import (CorruptImageError, DataError, builder_utils, isic2019, make_samples,
-                         nih_chestxray14)
+from rosjax.data import CorruptImageError, DataError, builder_utils, isic2019, make_samples, nih_chestxray14
 from rosjax.data.nih_chestxray14 import nih_chestxray14_dataset_builder as nih_builder_module
 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]

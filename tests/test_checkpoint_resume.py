@@ -7,11 +7,11 @@ import pathlib
 import subprocess
 import sys
 
+import _train_worker as tw
 import jax
 import numpy as np
 import pytest
 
-import _train_worker as tw
 from rosjax import checkpoint, models
 from rosjax.config import OptimConfig
 from rosjax.train import classifier, loop, parallel

@@ -18,6 +18,7 @@ from experiments import lesion
 from rosjax import config as C
 from rosjax.data import DataError, datasets, splits
 from rosjax.experiment import runner, validate
+from rosjax.experiment import settings as settings_lib
 
 CLASSES = ["nevus", "melanoma", "keratosis"]  # deliberately unsorted: names are sorted when read
 FINDINGS = ["Effusion", "Mass", "Atelectasis"]
@@ -252,7 +253,7 @@ def test_tiny_one_label_run_end_to_end(tmp_path):
         "data.group_column": "patient", "data.data_dir": str(tmp_path / "tfds")})
     assert cfg.data.manual_dir == str(tmp_path / "manual")
     stages = ["data", "teachers", "settings", "evaluate", "report"]
-    report = runner.run(cfg, tmp_path / "work", stages=stages, settings=list(cfg.settings))
+    report = runner.run(cfg, tmp_path / "work", stages=stages, settings=settings_lib.requested(cfg))
     assert report["data"]["class_names"] == ["keratosis", "melanoma", "nevus"]
     assert report["data"]["examples"] == 64
     assert sum(report["data"]["split_sizes"].values()) == 64
@@ -260,7 +261,7 @@ def test_tiny_one_label_run_end_to_end(tmp_path):
     counts = {c: sum(r[1] == c for r in rows) for c in ("keratosis", "melanoma", "nevus")}
     per_class = np.sum([report["data"]["splits"][s]["per_class"] for s in ("train", "validation", "test")], axis=0)
     assert list(per_class) == [counts["keratosis"], counts["melanoma"], counts["nevus"]]
-    for name in ("baseline_iii", "rosjax"):
+    for name in ("baseline_iii", "ros_kd"):
         test = report["settings"][name]["test"]
         assert 0.0 <= test["f1_macro"] <= 1.0 and test["num_examples"] == report["data"]["split_sizes"]["test"]
     assert (tmp_path / "work" / "report.md").exists()

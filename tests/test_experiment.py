@@ -19,6 +19,7 @@ import pytest
 from experiments import lesion, nih_cxr
 from rosjax import config as C
 from rosjax.experiment import cli, runner
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.validate import ConfigError
 from rosjax.experiment.workdir import Workdir, WorkdirConflictError, check_config
 
@@ -80,7 +81,7 @@ def test_paper_values_are_the_defaults():
 def test_cli_stages_and_teacher_option():
     cfg, workdir, stages, settings, teacher, _ = cli.parse_args(["--smoke", "--stage", "rosjax,report"],
                                                                  lesion.get_config)
-    assert stages == ["settings", "report"] and settings == ["rosjax"] and teacher is None
+    assert stages == ["settings", "report"] and settings == ["ros_kd"] and teacher is None  # "rosjax": alias
     assert workdir == "work/lesion-smoke" and cfg.smoke
     _, _, stages, _, teacher, _ = cli.parse_args(["--teacher", "2"], lesion.get_config)
     assert stages == ["data", "teachers"] and teacher == 2
@@ -109,22 +110,22 @@ def lesion_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lesion")
     cfg = tiny_config(lesion.get_config)
     report = runner.run(cfg, workdir, stages=["data", "teachers", "settings", "evaluate", "report"],
-                        settings=list(cfg.settings))
+                        settings=settings_lib.requested(cfg))
     return workdir, report
 
 
 def test_lesion_run_reports_every_setting(lesion_run):
     workdir, report = lesion_run
     settings = report["settings"]
-    for name in ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "rosjax"):
+    for name in ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "ros_kd"):
         test = settings[name]["test"]
         assert 0.0 <= test["f1_macro"] <= 1.0 and test["num_examples"] == report["data"]["split_sizes"]["test"]
     assert set(report["data"]["group_overlap"].values()) == {0}
     assert [t["architecture"] for t in report["teachers"]] == ["tiny_cnn"] * 3
-    assert set(report["robustness"]) and set(report["landscape"]) == {"baseline_iii", "rosjax"}
+    assert set(report["robustness"]) and set(report["landscape"]) == {"baseline_iii", "ros_kd"}
     markdown = (workdir / "report.md").read_text()
     assert "Table I" in markdown and "Table II" in markdown and "RoS-KD (M_smooth)" in markdown
-    assert (workdir / "plots" / "landscape_rosjax_contour.png").stat().st_size > 0
+    assert (workdir / "plots" / "landscape_ros_kd_contour.png").stat().st_size > 0
 
 
 def test_rerun_skips_finished_stages(lesion_run):
@@ -132,7 +133,7 @@ def test_rerun_skips_finished_stages(lesion_run):
     cfg = tiny_config(lesion.get_config)
     started = time.perf_counter()
     again = runner.run(cfg, workdir, stages=["data", "teachers", "settings", "evaluate", "report"],
-                       settings=list(cfg.settings))
+                       settings=settings_lib.requested(cfg))
     assert time.perf_counter() - started < 60
     assert again["settings"] == report["settings"]
 
@@ -146,7 +147,7 @@ def test_killed_run_resumes_to_the_same_report(lesion_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = tmp_path / "killed-run.log"  # a file, not a pipe: nobody reads the log while we poll
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    ckpt = workdir / "settings" / "rosjax" / "ckpt"
+    ckpt = workdir / "settings" / "ros_kd" / "ckpt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
@@ -155,11 +156,11 @@ def test_killed_run_resumes_to_the_same_report(lesion_run, tmp_path):
     assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (workdir / "settings" / "rosjax" / "DONE.json").exists()
+    assert not (workdir / "settings" / "ros_kd" / "DONE.json").exists()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((workdir / "report.json").read_text())
-    for name in ("baseline_v", "rosjax", "baseline_iii"):
+    for name in ("baseline_v", "ros_kd", "baseline_iii"):
         for key in ("f1_macro", "precision_macro", "recall_macro", "accuracy"):
             assert resumed["settings"][name]["test"][key] == pytest.approx(
                 reference["settings"][name]["test"][key], abs=1e-6), (name, key)
@@ -169,10 +170,10 @@ def test_nih_run_with_sweeps_and_folds(tmp_path):
     """Multi-label path end to end, with the sweeps and the three-run AUROC table."""
     cfg = tiny_config(nih_cxr.get_config, settings="baseline_iii,rosjax")
     report = runner.run(cfg, tmp_path, stages=["data", "teachers", "settings", "evaluate", "sweeps", "folds",
-                                               "report"], settings=list(cfg.settings))
+                                               "report"], settings=settings_lib.requested(cfg))
     assert report["data"]["multilabel"] and len(report["data"]["class_names"]) == 8
-    assert report["settings"]["rosjax"]["test"]["num_classes"] == 8
-    assert report["settings"]["baseline_i"] == {"status": "not run"}
+    assert report["settings"]["ros_kd"]["test"]["num_classes"] == 8
+    assert report["settings"]["baseline_i"]["status"] == "not run"
     assert set(report["sweeps"]) == {"overlap", "student", "weights"}
     assert set(report["sweeps"]["overlap"]["points"]) == {"0.0", "0.4"}
     folds = report["folds"]
@@ -181,7 +182,7 @@ def test_nih_run_with_sweeps_and_folds(tmp_path):
     assert "Table III" in markdown and "Sweep" in markdown
     # Every sweep point and fold is a finished stage now: a rerun only reads them back.
     started = time.perf_counter()
-    again = runner.run(cfg, tmp_path, stages=["sweeps", "folds", "report"], settings=list(cfg.settings))
+    again = runner.run(cfg, tmp_path, stages=["sweeps", "folds", "report"], settings=settings_lib.requested(cfg))
     assert again["sweeps"] == report["sweeps"] and again["folds"] == report["folds"]
     assert time.perf_counter() - started < 60
 
@@ -233,7 +234,9 @@ def test_teachers_start_from_given_weights(tmp_path):
 
     cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "resnet18,tiny_cnn",
                                             "teachers.pretrained": f"{path},", "optim.learning_rate": "0",
-                                            "optim.weight_decay": "0", "optim.epochs": "1"})
+                                            "optim.weight_decay": "0", "optim.epochs": "1",
+                                            "optim.milestones": "", "distill.warmup_epochs": "0",
+                                            "distill.rl_equal_epochs": "0"})
     with pytest.raises(ConfigError, match="no such file"):
         runner.run(C.apply_overrides(cfg, {"teachers.pretrained": "missing.npz,"}), tmp_path / "bad",
                    stages=["teachers"], settings=[])

@@ -37,7 +37,7 @@ RUN_TIMEOUT_S = 900
 KILL_CONFIG = {
     "teachers.architectures": "tiny_cnn,tiny_cnn", "teachers.single_teacher": "tiny_cnn",
     "distill.student": "tiny_cnn", "optim.epochs": "3", "distill.warmup_epochs": "1",
-    "settings": "baseline_iii,rosjax",
+    "settings": "baseline_iii,ros_kd",
     "sweeps.overlaps": "0.4", "sweeps.students": "tiny_cnn", "sweeps.normalizations": "none,sum1",
     "distill.teacher_outputs": "cached", "distill.cache_batch_size": "8",
     "checkpoint_every_steps": "1",
@@ -77,32 +77,32 @@ def leftovers(workdir: pathlib.Path) -> list[str]:
 
 
 def test_comparison_flags_a_changed_metric_and_ignores_timing():
-    report = {"settings": {"rosjax": {"wall_clock_s": 3.5, "test": {"f1_macro": 0.25, "loss": 2.0}}},
+    report = {"settings": {"ros_kd": {"wall_clock_s": 3.5, "test": {"f1_macro": 0.25, "loss": 2.0}}},
               "teachers": [{"wall_clock_s": 1.0, "best_step": 3, "epoch_seconds": 0.4, "images_per_s": 9.0}]}
     slower = json.loads(json.dumps(report))
-    slower["settings"]["rosjax"]["wall_clock_s"] = 99.0
+    slower["settings"]["ros_kd"]["wall_clock_s"] = 99.0
     slower["teachers"][0].update(wall_clock_s=7.0, epoch_seconds=2.0, images_per_s=1.0)
     assert without_timing(slower) == without_timing(report)
     assert without_timing(report)["teachers"] == [{"best_step": 3}]
 
     changed = json.loads(json.dumps(report))
-    changed["settings"]["rosjax"]["test"]["f1_macro"] = 0.25 + 1e-12  # exact: no tolerance
+    changed["settings"]["ros_kd"]["test"]["f1_macro"] = 0.25 + 1e-12  # exact: no tolerance
     assert without_timing(changed) != without_timing(report)
     assert differences(without_timing(report), without_timing(changed)) == [
-        f".settings.rosjax.test.f1_macro: 0.25 != {0.25 + 1e-12!r}"]
+        f".settings.ros_kd.test.f1_macro: 0.25 != {0.25 + 1e-12!r}"]
     changed["teachers"][0]["best_step"] = 6
-    del changed["settings"]["rosjax"]["test"]["loss"]
+    del changed["settings"]["ros_kd"]["test"]["loss"]
     assert len(differences(without_timing(report), without_timing(changed))) == 3
     assert differences([1, 2], [1, 2, 3]) == [": [1, 2] != [1, 2, 3]"]
     assert differences({"a": 1}, {"a": 1.0}) == [".a: 1 != 1.0"]
 
 
 def test_leftovers_finds_temporary_files(tmp_path):
-    (tmp_path / "settings" / "rosjax" / "ckpt" / "7.orbax-checkpoint-tmp-3").mkdir(parents=True)
+    (tmp_path / "settings" / "ros_kd" / "ckpt" / "7.orbax-checkpoint-tmp-3").mkdir(parents=True)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / ".rosjax.json.x1y2.tmp").write_text("{")
     (tmp_path / "eval" / "rosjax.json").write_text("{}")
-    assert leftovers(tmp_path) == ["eval/.rosjax.json.x1y2.tmp", "settings/rosjax/ckpt/7.orbax-checkpoint-tmp-3"]
+    assert leftovers(tmp_path) == ["eval/.rosjax.json.x1y2.tmp", "settings/ros_kd/ckpt/7.orbax-checkpoint-tmp-3"]
 
 
 # --- kill moments -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ MOMENTS = (
     ("teacher mid-epoch", _gains_a_line("teachers/1-*/metrics.jsonl"), (0.0, 0.4)),
     ("mid-cache-build", _cache_partly_built(), (0.0, 0.05)),
     ("student mid-save", _tmp_in("settings/*"), (0.0, 0.0)),
-    ("student mid-step", _gains_a_line("settings/rosjax/metrics.jsonl"), (0.0, 0.6)),
+    ("student mid-step", _gains_a_line("settings/ros_kd/metrics.jsonl"), (0.0, 0.6)),
     ("mid-evaluation", _exists("eval/*.json"), (0.0, 1.5)),
     ("sweep point mid-save", _tmp_in("sweeps/*/*/settings/*"), (0.0, 0.0)),
     ("mid-report", _exists("eval/sweeps.json"), (0.0, 0.0)),
@@ -249,7 +249,7 @@ def reference(runs):
     assert not leftovers(workdir)
     report = json.loads((workdir / "report.json").read_text())
     # The configuration exercises every stage the kills aim at.
-    assert report["settings"]["rosjax"]["teacher_outputs"] == "cached"
+    assert report["settings"]["ros_kd"]["teacher_outputs"] == "cached"
     assert set(report["sweeps"]["weights"]["points"]) == {"none", "sum1"}
     assert (workdir / "teacher_cache" / "progress.json").exists()
     return report

@@ -11,10 +11,9 @@ failure names the exact sequence to replay (ROSJAX_KILL_SEED picks another seque
 import os
 import pathlib
 
+import _train_worker as tw
 import numpy as np
 import pytest
-
-import _train_worker as tw
 
 SEED = int(os.environ.get("ROSJAX_KILL_SEED", "20240611"))  # set it to try other moments
 KILLS = 8

@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from scipy.special import expit
 from scipy.special import softmax as sp_softmax
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
-                             precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
-from rosjax.eval.metrics import (classification_metrics, scores_from_logits, sigmoid, softmax,
-                                 tune_thresholds)
+from rosjax.eval.metrics import classification_metrics, scores_from_logits, sigmoid, softmax, tune_thresholds
 
 
 def one_label_data(rng, n=200, c=5, absent=()):

@@ -4,10 +4,10 @@ import socket
 import subprocess
 import sys
 
+import _train_worker as tw
 import jax
 import numpy as np
 
-import _train_worker as tw
 from rosjax.train import parallel
 
 WORKER = pathlib.Path(__file__).with_name("_train_worker.py")

@@ -1,15 +1,14 @@
 """Data parallelism: 1 device and 4 devices give the same training; shardings, donation, errors."""
 import functools
 
+import _train_worker as tw
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import _train_worker as tw
-from rosjax import models
+from rosjax import losses, models
 from rosjax.config import OptimConfig
-from rosjax import losses
 from rosjax.train import optim, parallel, steps
 from rosjax.train.state import create_train_state
 

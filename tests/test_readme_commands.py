@@ -19,7 +19,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAPER_ARCHITECTURES = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet121"]
-SETTINGS = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "rosjax")
+SETTINGS = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "ros_kd")
 
 
 def readme_command(module: str) -> str:
@@ -71,7 +71,7 @@ def check_report(workdir: pathlib.Path) -> dict:
     assert set(report["sweeps"]) == {"overlap", "student", "weights"}
     for sweep in report["sweeps"].values():
         for point, scores in sweep["points"].items():
-            assert scores["rosjax_f1"] is not None, (sweep["title"], point)
+            assert scores["ros_kd"] is not None, (sweep["title"], point)
         assert (workdir / sweep["plot_png"]).stat().st_size > 0
     markdown = (workdir / "report.md").read_text()
     assert "Table I" in markdown and "Figure 3" in markdown and markdown.count("|") > 50

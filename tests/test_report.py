@@ -2,6 +2,7 @@
 import json
 
 from rosjax.eval import report as report_lib
+from rosjax.experiment import settings as settings_lib
 
 
 def _metrics(p, r, f1):
@@ -22,21 +23,31 @@ def _rows(markdown, heading):
     return rows[1:]  # without the header
 
 
+PAPER_ORDER = ["Baseline I (CE only)", "Baseline II (Hinton KD, one teacher)",
+               "Baseline III (equal-weight teachers)", "Baseline IV (RL teacher selection)",
+               "Baseline V (RoS-KD, no smoothing)", "RoS-KD (M_smooth)"]
+
+
 def test_table_i_lists_every_setting_in_the_papers_order(tmp_path):
-    report = {"experiment": "lesion", "settings": {
-        "baseline_iii": {"test": _metrics(0.691, 0.704, 0.694), "wall_clock_s": 50.0},
-        "rosjax": {"test": _metrics(0.713, 0.726, 0.716), "wall_clock_s": 40.0},
-        "baseline_iv": {"status": "not run"}}}
+    """The report dict as runner.build_report writes it: every registry entry, in Table I order."""
+    results = {"baseline_iii": {"test": _metrics(0.691, 0.704, 0.694), "wall_clock_s": 50.0},
+               "ros_kd": {"test": _metrics(0.713, 0.726, 0.716), "wall_clock_s": 40.0},
+               "baseline_v": {"test": _metrics(0.7, 0.7, 0.7), "wall_clock_s": 40.0, "trained_by": "ros_kd"}}
+    settings = {s.name: {"title": s.title, **results.get(s.name, {"status": "not run"})}
+                for s in settings_lib.SETTINGS}
+    report = {"experiment": "lesion", "settings": dict(reversed(settings.items())),  # order comes from the list
+              "table_i_order": list(settings), "cost_reference": "ros_kd"}
     json_path, md_path = report_lib.write_report(tmp_path, report)
     assert json.loads(json_path.read_text()) == report
     rows = _rows(md_path.read_text(), "## Table I")
-    assert [r[0] for r in rows] == [report_lib.SETTING_TITLES[k] for k in report_lib.TABLE_I_ORDER]
+    assert [r[0] for r in rows] == PAPER_ORDER
     by_name = {r[0]: r for r in rows}
     assert by_name["RoS-KD (M_smooth)"][1:4] == ["0.713", "0.726", "0.716"]
     assert by_name["Baseline IV (RL teacher selection)"][1] == "not run"
     assert by_name["Baseline I (CE only)"][1] == "not run"
     cost = {r[0]: r for r in _rows(md_path.read_text(), "## Cost")}
     assert cost["Baseline III (equal-weight teachers)"][2] == "1.250"  # 50 s / 40 s
+    assert "Baseline V (RoS-KD, no smoothing)" not in cost  # RoS-KD's run: no cost of its own
 
 
 def test_table_iii_shows_mean_and_std():
@@ -47,7 +58,8 @@ def test_table_iii_shows_mean_and_std():
 
 
 def test_missing_values_render_as_dashes_not_nan():
-    report = {"settings": {"rosjax": {"test": {**_metrics(0.5, 0.5, 0.5), "auroc_macro": None}}}}
+    report = {"settings": {"ros_kd": {"title": "RoS-KD (M_smooth)",
+                                      "test": {**_metrics(0.5, 0.5, 0.5), "auroc_macro": None}}}}
     rows = {r[0]: r for r in _rows(report_lib.render_markdown(report), "## Table I")}
     assert rows["RoS-KD (M_smooth)"][6] == "—"
     assert "nan" not in report_lib.render_markdown(report).lower()

@@ -5,9 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from rosjax.distill import (SmoothState, recalibrate_batch_stats, should_average,
-                            update_running_mean)
-from rosjax.distill import smoothing
+from rosjax.distill import SmoothState, recalibrate_batch_stats, should_average, smoothing, update_running_mean
 
 
 def test_should_average_schedule():

@@ -1,17 +1,22 @@
-"""Teacher weights: Exp(1) distribution, shapes, normalisations, keys, equal weights."""
+"""Teacher weights: Exp(1) distribution, shapes, normalisations, keys, equal weights, and the
+default (Dirichlet, sum 1) against the paper's literal unnormalised Exp(1) (KD gradient K x larger)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from rosjax.distill import (equal_teacher_weights, kd_loss, sample_teacher_weights, step_key,
-                            teacher_weights)
+from rosjax.config import OptimConfig
+from rosjax.distill import equal_teacher_weights, kd_loss, sample_teacher_weights, step_key, teacher_weights, weighting
+from rosjax.distill.steps import make_distill_step
+from rosjax.models import create
+from rosjax.train import optim, parallel
+from rosjax.train.state import create_train_state
 
 
 def test_exponential_draws_follow_exp1():
     w = np.asarray(sample_teacher_weights(jax.random.key(0), 5, per_example=True,
-                                          batch_size=8000)).ravel()  # 40k draws
+                                          batch_size=8000, normalize="none")).ravel()  # 40k draws
     assert w.min() > 0
     assert abs(w.mean() - 1.0) < 0.02  # standard error 0.005
     assert stats.kstest(w, stats.expon.cdf).pvalue > 0.01
@@ -19,7 +24,7 @@ def test_exponential_draws_follow_exp1():
 
 def test_one_draw_per_step_over_many_steps_is_exp1():
     run_key = jax.random.key(1)
-    draws = jax.jit(jax.vmap(lambda s: sample_teacher_weights(step_key(run_key, s), 5)))(
+    draws = jax.jit(jax.vmap(lambda s: sample_teacher_weights(step_key(run_key, s), 5, normalize="none")))(
         jnp.arange(4000))
     draws = np.asarray(draws)  # [steps, K]
     assert draws.shape == (4000, 5)
@@ -41,7 +46,8 @@ def test_shapes_and_normalisations():
     wk = np.asarray(sample_teacher_weights(key, 5, normalize="sumk"))
     np.testing.assert_allclose(wk.sum(), 5.0, rtol=1e-5)
     # Normalising rescales the same draw: proportional to the unnormalized weights.
-    w = np.asarray(sample_teacher_weights(key, 5))
+    w = np.asarray(sample_teacher_weights(key, 5, normalize="none"))
+    np.testing.assert_allclose(sample_teacher_weights(key, 5), w / w.sum(), rtol=1e-5)  # default: sum1
     np.testing.assert_allclose(wk, 5 * w / w.sum(), rtol=1e-5)
 
 
@@ -85,6 +91,7 @@ def test_equal_weights_distill_to_the_averaged_teacher():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(per_example=True), "batch_size"),
     (dict(normalize="softmax"), "normalize"),
+    (dict(normalize=None), "now spelled 'none'"),  # the old spelling of the paper's formula
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -96,3 +103,68 @@ def test_bad_kind_and_count_raise():
         teacher_weights("rl", jax.random.key(0), 5)
     with pytest.raises(ValueError, match="num_teachers"):
         equal_teacher_weights(0)
+
+
+# --- the default recipe (sum1) against the paper's literal formula (none) -------------------------
+
+
+def _per_step_draws(normalize, steps=20000, k=5):
+    run_key = jax.random.key(11)
+    return np.asarray(jax.jit(jax.vmap(lambda s: sample_teacher_weights(step_key(run_key, s), k,
+                                                                        normalize=normalize)))(jnp.arange(steps)))
+
+
+def test_default_weights_are_dirichlet_with_baseline_iii_strength():
+    """Default 'sum1': sum 1 at every step and mean 1/K per teacher (equal weights' strength),
+    still random: Var w_m = (K-1) / (K^2 (K+1)) for Dirichlet(1,...,1)."""
+    k = 5
+    w = _per_step_draws("sum1", k=k)  # [steps, K], the default
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.abs(w.mean(axis=0) - 1 / k) < 0.005)  # se = sqrt(Var / 20000) = 0.0012
+    assert abs(w.var() - (k - 1) / (k ** 2 * (k + 1))) < 0.002  # 0.0267
+    np.testing.assert_array_equal(w, _per_step_draws(weighting.DEFAULT_NORMALIZE, k=k))
+
+
+def test_paper_literal_weights_are_exp1():
+    """'none': unnormalised Exp(1), mean 1 and variance 1 per teacher, sum ~ Gamma(K, 1) (mean K)."""
+    w = _per_step_draws("none")
+    assert abs(w.mean() - 1.0) < 0.02 and abs(w.var() - 1.0) < 0.05  # se 0.003 and ~0.01
+    assert abs(w.sum(axis=1).mean() - 5.0) < 0.05
+
+
+def _kd_grad_norms(normalize, weighting_kind="exponential", steps=(0,), k=5):
+    """First-step gradient norms of a tiny student distilled (alpha=1: KD only) from synthetic
+    cached teacher logits with the given weighting; also returns the steps' weight sums."""
+    rng = np.random.default_rng(0)
+    b, c = 16, 8
+    batch = {"image": jnp.asarray(rng.random((b, 8, 8, 3), dtype=np.float32)),
+             "label": jnp.asarray(rng.integers(0, c, b).astype(np.int32)),
+             "teacher_logits": jnp.asarray(4.0 * rng.normal(size=(k, b, c)).astype(np.float32))}
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
+    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    step = jax.jit(make_distill_step((None,) * k, tau=0.5, alpha=1.0, multilabel=False,
+                                     weighting_kind=weighting_kind, normalize=normalize))
+    norms, sums = [], []
+    for s in steps:  # the same state, the weights of step s
+        _, m = step(state.replace(step=jnp.asarray(s, state.step.dtype)), (), batch, jax.random.key(1))
+        norms.append(float(m["grad_norm"]))
+        sums.append(float(m["weight_sum"]))
+    return np.array(norms), np.array(sums)
+
+
+def test_paper_literal_kd_gradient_is_weight_sum_times_the_default():
+    """Hand-derived: for one draw w ~ Exp(1)^K, the paper's KD gradient is sum_m w_m grad KL_m and
+    the default's is (sum_m w_m grad KL_m) / S with S = sum_m w_m, so the gradient-norm ratio is
+    exactly S, whose mean is K. Equal weights (baseline III) have sum 1, like the default."""
+    steps = range(64)
+    none, s_none = _kd_grad_norms("none", steps=steps)
+    sum1, s_sum1 = _kd_grad_norms("sum1", steps=steps)
+    np.testing.assert_allclose(s_sum1, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(none / sum1, s_none, rtol=1e-3)  # ratio = S at every step
+    assert 4.0 < np.mean(none / sum1) < 6.0  # E[S] = K = 5; se of the mean of 64 Gamma(5,1) ~ 0.28
+    equal, s_equal = _kd_grad_norms("sum1", weighting_kind="equal")
+    np.testing.assert_allclose(s_equal, 1.0, rtol=1e-6)
+    # The default's gradient norm is a convex mix of the teachers': within the range of baseline
+    # III's scale, while the paper's is on average K times larger.
+    assert np.mean(sum1) < 1.5 * equal[0] and np.mean(none) > 3.0 * equal[0]

@@ -7,8 +7,14 @@ from rosjax.data.builder_utils import CorruptImageError, DataError
 from rosjax.data.datasets import DATASETS, PreparedDataset, prepare, sample_dir
 from rosjax.data.noise import MODES, NoisyLabels, add_label_noise
 from rosjax.data.pipeline import AugmentConfig, eval_batches, train_dataset, train_iterator
-from rosjax.data.splits import (fold_seeds, grouped_split, official_split, overlapping_subsets,
-                                shared_groups, split_summary)
+from rosjax.data.splits import (
+                                fold_seeds,
+                                grouped_split,
+                                official_split,
+                                overlapping_subsets,
+                                shared_groups,
+                                split_summary,
+)
 
 __all__ = ["AugmentConfig", "CorruptImageError", "DATASETS", "csv_images", "DataError", "MODES", "NoisyLabels",
            "PreparedDataset", "add_label_noise", "eval_batches", "fold_seeds", "grouped_split",

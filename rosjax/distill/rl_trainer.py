@@ -267,7 +267,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     """
     if not teachers:
         raise ValueError("baseline IV needs at least one teacher")
-    if kd.weighting != "equal" or kd.per_example or kd.normalize is not None:
+    if kd.weighting != "equal" or kd.per_example or kd.normalize == "sumk":
         raise ValueError(f"baseline IV's first stage is baseline III's equal weighting: use "
                          f"KDSpec(weighting='equal') without per_example/normalize, got {kd}")
     embedding_teacher = _teacher_index(rl.embedding_teacher, len(teachers))

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rosjax.distill import losses, weighting
+from rosjax import losses
+from rosjax.distill import weighting
 from rosjax.train import steps as train_steps
 from rosjax.train.state import TrainState
 
@@ -39,7 +40,7 @@ def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], image
 
 def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
                       weighting_kind: str = "exponential", per_example: bool = False,
-                      normalize: str | None = None) -> Callable:
+                      normalize: str = "sum1") -> Callable:
     """Builds `distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
     Args:
@@ -47,7 +48,8 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
       tau, alpha: temperature and KD weight of the paper's eq. (4).
       multilabel: softmax KD (False) or per-label sigmoid KD (True).
       weighting_kind: a key of `rosjax.distill.weighting.TEACHER_WEIGHTINGS`.
-      per_example, normalize: options of the teacher-weight draw.
+      per_example, normalize: options of the teacher-weight draw (`rosjax.distill.weighting`;
+        normalize='none' is the paper's unnormalised Exp(1), 'sum1' the default Dirichlet).
     The step's key is `fold_in(run_key, state.step)`, split into a dropout key and a
     teacher-weight key, so a resumed run draws the same weights at the same step.
     """

@@ -42,7 +42,7 @@ class KDSpec:
     alpha: float = 0.9
     weighting: str = "exponential"
     per_example: bool = False
-    normalize: str | None = None
+    normalize: str = "sum1"          # see rosjax.distill.weighting ("none": the paper's unnormalised Exp(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

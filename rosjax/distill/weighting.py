@@ -1,10 +1,16 @@
 """Per-step teacher weights w_m for the KD term of eq. (4).
 
 * `exponential` (RoS-KD): w_m ~ Exp(1) i.i.d., one draw per training step shared by the batch,
-  unnormalized, exactly as the paper writes it.  Options: one draw per example ([K, B]), and
-  normalization to sum 1 (i.i.d. Exp(1) divided by their sum is Dirichlet(1, ..., 1)) or to
-  sum K (mean weight 1, so the expected KD strength matches the unnormalized default while the
-  total is no longer random).
+  then rescaled along the teacher axis by `normalize`:
+    "sum1" (default)  w / sum(w): Dirichlet(1, ..., 1), E[w_m] = 1/K and sum 1 every step, so
+                      the KD term has baseline III's strength (equal weights 1/K) and only the
+                      mix of teachers is random;
+    "none"            the paper's literal formula, unnormalised Exp(1): sum(w) ~ Gamma(K, 1), on
+                      average K times baseline III's KD term at the same learning rate (with
+                      the paper's K = 5 teachers and lr this blew the student up in its first
+                      epoch into a constant predictor; see README, "Settings");
+    "sumk"            K w / sum(w): sum K every step (the paper's mean strength, not random).
+  Option: one draw per example ([K, B]) instead of one per step.
 * `equal` (baseline III, and baseline II with K=1): w_m = 1/K.  Since KL(q_m || p) is linear in
   q_m up to a student-independent constant (the teachers' entropies),
   (1/K) sum_m KL(q_m || p) = KL(mean_m q_m || p) + const, so the student gets the same gradient
@@ -22,7 +28,8 @@ from numbers import Integral
 import jax
 import jax.numpy as jnp
 
-NORMALIZATIONS = (None, "sum1", "sumk")
+NORMALIZATIONS = ("none", "sum1", "sumk")
+DEFAULT_NORMALIZE = "sum1"  # Dirichlet(1, ..., 1); "none" is the paper's unnormalised Exp(1).
 
 
 def step_key(run_key, step):
@@ -34,7 +41,8 @@ def _check_common(num_teachers, per_example, batch_size, normalize):
     if not isinstance(num_teachers, Integral) or num_teachers < 1:
         raise ValueError(f"weighting: num_teachers must be a positive int, got {num_teachers!r}")
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"weighting: unknown normalize={normalize!r}; options are {NORMALIZATIONS}")
+        hint = " (the paper's unnormalised formula is now spelled 'none')" if normalize is None else ""
+        raise ValueError(f"weighting: unknown normalize={normalize!r}; options are {NORMALIZATIONS}{hint}")
     if per_example and (not isinstance(batch_size, Integral) or batch_size < 1):
         raise ValueError("weighting: per_example=True needs batch_size (a positive int), got "
                          f"batch_size={batch_size!r}")
@@ -45,8 +53,8 @@ def _shape(num_teachers, per_example, batch_size):
 
 
 def _normalize(w, normalize):
-    """Rescales w [K] or [K, B] along the teacher axis 0."""
-    if normalize is None:
+    """Rescales w [K] or [K, B] along the teacher axis 0 ('none': unchanged)."""
+    if normalize == "none":
         return w
     total = jnp.sum(w, axis=0, keepdims=True)  # [1] or [1, B]
     scale = 1.0 if normalize == "sum1" else float(w.shape[0])
@@ -54,15 +62,16 @@ def _normalize(w, normalize):
 
 
 def sample_teacher_weights(key, num_teachers, *, per_example=False, batch_size=None,
-                           normalize=None):
-    """RoS-KD weights w_m ~ Exp(1) i.i.d.
+                           normalize=DEFAULT_NORMALIZE):
+    """RoS-KD weights: w_m ~ Exp(1) i.i.d., rescaled by `normalize`.
 
     Args:
       key: a jax.random key (use `step_key(run_key, step)`).
       num_teachers: K.
       per_example: one draw per example ([K, B]) instead of one per step ([K]).
       batch_size: B, required with per_example=True (ignored otherwise).
-      normalize: None (paper), 'sum1' (Dirichlet(1,...,1)) or 'sumk' (sum to K) over teachers.
+      normalize: 'sum1' (default: w / sum w, Dirichlet(1,...,1), mean 1/K), 'none' (the paper's
+        literal unnormalised Exp(1), mean 1) or 'sumk' (K w / sum w) over teachers.
     Returns:
       float32 [K] or [K, B].
     """
@@ -73,23 +82,23 @@ def sample_teacher_weights(key, num_teachers, *, per_example=False, batch_size=N
 
 def equal_teacher_weights(num_teachers):
     """Baseline III weights 1/K ([K]); K=1 gives weight 1 (baseline II)."""
-    _check_common(num_teachers, False, None, None)
+    _check_common(num_teachers, False, None, "none")
     return jnp.full((num_teachers,), 1.0 / num_teachers, jnp.float32)
 
 
-def _equal(key, num_teachers, *, per_example=False, batch_size=None, normalize=None):
-    """Equal weights through the sampler's interface ('sumk' makes each weight 1)."""
+def _equal(key, num_teachers, *, per_example=False, batch_size=None, normalize=DEFAULT_NORMALIZE):
+    """Equal weights through the sampler's interface: 1/K ('none' or 'sum1'); 'sumk' makes each 1."""
     del key  # deterministic
     _check_common(num_teachers, per_example, batch_size, normalize)
     w = jnp.ones(_shape(num_teachers, per_example, batch_size), jnp.float32)
-    return _normalize(w, "sum1" if normalize is None else normalize)
+    return _normalize(w, "sum1" if normalize == "none" else normalize)
 
 
 TEACHER_WEIGHTINGS = {"exponential": sample_teacher_weights, "equal": _equal}
 
 
 def teacher_weights(kind, key, num_teachers, *, per_example=False, batch_size=None,
-                    normalize=None):
+                    normalize=DEFAULT_NORMALIZE):
     """Weights of the scheme named `kind` (a key of TEACHER_WEIGHTINGS) -> [K] or [K, B]."""
     if kind not in TEACHER_WEIGHTINGS:
         raise ValueError(f"weighting: unknown teacher weighting kind={kind!r}; options are "

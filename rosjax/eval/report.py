@@ -7,29 +7,20 @@ over independent runs), Figures 2–4 as sweep tables and linked PNGs.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
 from typing import Any
 
-SETTING_TITLES = {
-    "baseline_i": "Baseline I (CE only)",
-    "baseline_ii": "Baseline II (Hinton KD, one teacher)",
-    "baseline_iii": "Baseline III (equal-weight teachers)",
-    "baseline_iv": "Baseline IV (RL teacher selection)",
-    "baseline_v": "Baseline V (RoS-KD, no smoothing)",
-    "rosjax": "RoS-KD (M_smooth)",
-}
-TABLE_I_ORDER = tuple(SETTING_TITLES)
+from rosjax import atomic
 
 
 def write_report(workdir: str | os.PathLike, report: dict[str, Any]) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes `report.json` and `report.md` into `workdir` (atomically) and returns their paths."""
     workdir = pathlib.Path(workdir)
     json_path, md_path = workdir / "report.json", workdir / "report.md"
-    _atomic_write(json_path, json.dumps(report, indent=2, sort_keys=True, default=_json_default))
-    _atomic_write(md_path, render_markdown(report))
+    atomic.write_json(json_path, report, default=_json_default)
+    atomic.write_text(md_path, render_markdown(report))
     return json_path, md_path
 
 
@@ -37,12 +28,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"report value of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -66,13 +51,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["*Smoke run on the bundled sample files: numbers check the pipeline, not the method.*", ""]
     lines += _data_section(report.get("data", {}))
     lines += _teachers_section(report.get("teachers", []))
-    lines += _table_i(report.get("settings", {}))
-    lines += _robustness_section(report.get("robustness", {}))
-    lines += _landscape_section(report.get("landscape", {}))
+    settings = report.get("settings", {})
+    titles = {name: entry.get("title", name) for name, entry in settings.items()}
+    lines += _table_i(settings, report.get("table_i_order", list(settings)))
+    lines += _robustness_section(report.get("robustness", {}), titles)
+    lines += _landscape_section(report.get("landscape", {}), titles)
     for sweep_name, sweep in report.get("sweeps", {}).items():
         lines += _sweep_section(sweep_name, sweep)
     lines += _folds_section(report.get("folds", {}))
-    lines += _cost_section(report.get("settings", {}))
+    lines += _cost_section(settings, titles, report.get("cost_reference"))
     return "\n".join(lines) + "\n"
 
 
@@ -104,24 +91,32 @@ def _teachers_section(teachers: list[dict[str, Any]]) -> list[str]:
             *_table(["#", "architecture", "Precision", "Recall", "F1", "mean AUROC"], rows), ""]
 
 
-def _table_i(settings: dict[str, Any]) -> list[str]:
+def _table_i(settings: dict[str, Any], order: list[str]) -> list[str]:
     if not settings:
         return []
-    rows = []
-    for key in TABLE_I_ORDER:
+    rows, collapsed = [], []
+    for key in order:
         entry = settings.get(key)
+        title = (entry or {}).get("title", key)
+        if (entry or {}).get("collapsed"):  # rosjax.eval.collapse symptoms
+            collapsed.append(f"- ⚠ **{title}**: " + "; ".join(f"{k}: {v}" for k, v in entry["collapsed"].items()))
+            title = f"{title} ⚠ COLLAPSED"
         if entry is None or "test" not in entry:
             status = (entry or {}).get("status", "not run")
-            rows.append([SETTING_TITLES[key], status, "", "", "", "", "", ""])
+            rows.append([title, status, "", "", "", "", "", ""])
             continue
         m = entry["test"]
-        rows.append([SETTING_TITLES[key], m.get("precision_macro"), m.get("recall_macro"), m.get("f1_macro"),
+        rows.append([title, m.get("precision_macro"), m.get("recall_macro"), m.get("f1_macro"),
                      m.get("accuracy"), m.get("balanced_accuracy"), m.get("auroc_macro"), m.get("ece")])
     header = ["Setting", "Precision", "Recall", "F1", "Accuracy", "Bal. acc.", "mean AUROC", "ECE"]
-    return ["## Table I: test performance (macro averages)", "", *_table(header, rows), ""]
+    lines = ["## Table I: test performance (macro averages)", "", *_table(header, rows), ""]
+    if collapsed:
+        lines += ["**Collapsed runs** (constant predictions or dead gradients; their scores are not "
+                  "the method's):", "", *collapsed, ""]
+    return lines
 
 
-def _robustness_section(robustness: dict[str, Any]) -> list[str]:
+def _robustness_section(robustness: dict[str, Any], titles: dict[str, str]) -> list[str]:
     if not robustness:
         return []
     header = ["Attack", "Setting", "Precision", "Recall", "F1", "Precision (adv)", "Recall (adv)", "F1 (adv)"]
@@ -129,16 +124,16 @@ def _robustness_section(robustness: dict[str, Any]) -> list[str]:
     for attack, per_setting in robustness.items():
         for setting, r in per_setting.items():
             b, a = r["before"], r["after"]
-            rows.append([attack, SETTING_TITLES.get(setting, setting), b.get("precision_macro"),
+            rows.append([attack, titles.get(setting, setting), b.get("precision_macro"),
                          b.get("recall_macro"), b.get("f1_macro"), a.get("precision_macro"),
                          a.get("recall_macro"), a.get("f1_macro")])
     return ["## Table II: robustness (before / after attack)", "", *_table(header, rows), ""]
 
 
-def _landscape_section(landscape: dict[str, Any]) -> list[str]:
+def _landscape_section(landscape: dict[str, Any], titles: dict[str, str]) -> list[str]:
     if not landscape:
         return []
-    rows = [[SETTING_TITLES.get(k, k), v.get("loss_at_origin"), v.get("flatness"),
+    rows = [[titles.get(k, k), v.get("loss_at_origin"), v.get("flatness"),
              f"![{k}]({v['contour_png']})" if v.get("contour_png") else ""] for k, v in landscape.items()]
     return ["## Figure 4: loss landscapes", "",
             "Flatness = mean loss rise within the given radius of the trained weights (lower is flatter).", "",
@@ -146,9 +141,11 @@ def _landscape_section(landscape: dict[str, Any]) -> list[str]:
 
 
 def _sweep_section(name: str, sweep: dict[str, Any]) -> list[str]:
-    rows = [[point, r.get("rosjax_f1"), r.get("baseline_iii_f1")] for point, r in sweep.get("points", {}).items()]
+    shown = sweep.get("settings", [])
+    titles = sweep.get("titles", {})
+    rows = [[point, *(r.get(s) for s in shown)] for point, r in sweep.get("points", {}).items()]
     lines = [f"## Sweep: {sweep.get('title', name)}", "",
-             *_table([sweep.get("parameter", "value"), "RoS-KD F1", "Baseline III F1"], rows)]
+             *_table([sweep.get("parameter", "value"), *(f"{titles.get(s, s)} F1" for s in shown)], rows)]
     if sweep.get("plot_png"):
         lines += ["", f"![{name}]({sweep['plot_png']})"]
     return lines + [""]
@@ -165,12 +162,12 @@ def _folds_section(folds: dict[str, Any]) -> list[str]:
             *_table(["Method", *names, "Mean"], [[folds.get("title", "RoS-KD (ours)"), *row]]), ""]
 
 
-def _cost_section(settings: dict[str, Any]) -> list[str]:
-    """Training wall-clock per setting, and its ratio to RoS-KD's (baseline IV's cost claim)."""
-    reference = (settings.get("rosjax") or {}).get("wall_clock_s")
-    rows = [[SETTING_TITLES.get(k, k), v.get("wall_clock_s"),
+def _cost_section(settings: dict[str, Any], titles: dict[str, str], reference_name: str | None) -> list[str]:
+    """Training wall-clock per training run, and its ratio to the method's (baseline IV's cost claim)."""
+    reference = (settings.get(reference_name) or {}).get("wall_clock_s")
+    rows = [[titles.get(k, k), v.get("wall_clock_s"),
              v["wall_clock_s"] / reference if reference else None, v.get("teacher_outputs", "")]
-            for k, v in settings.items() if v.get("wall_clock_s") is not None and k != "baseline_v"]
+            for k, v in settings.items() if v.get("wall_clock_s") is not None and not v.get("trained_by")]
     if not rows:
         return []
     return ["## Cost", "",

@@ -5,7 +5,7 @@ A finished model is a folder of variables (`rosjax.checkpoint.save_variables`) n
 `(module, variables, info)` for a student setting or a teacher:
 
     from rosjax.experiment.artifacts import load_setting
-    model, variables, info = load_setting("work/lesion", "rosjax")       # M_smooth
+    model, variables, info = load_setting("work/lesion", "ros_kd")       # M_smooth
     predict = jax.jit(lambda x: model.apply(variables, x, train=False))
 """
 from __future__ import annotations
@@ -18,19 +18,11 @@ import numpy as np
 
 from rosjax import checkpoint, models
 from rosjax.config import ExperimentConfig
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment import workdir as workdir_lib
 from rosjax.train.state import TrainState
 
 MODEL_JSON = "model.json"
-# Where each setting's final model lives, relative to WORKDIR/settings/.
-SETTING_MODELS = {
-    "baseline_i": ("baseline_i", "student"),
-    "baseline_ii": ("baseline_ii", "student"),
-    "baseline_iii": ("baseline_iii", "student"),
-    "baseline_iv": ("baseline_iv", "student"),
-    "baseline_v": ("rosjax", "student"),   # RoS-KD's raw student: no smoothing.
-    "rosjax": ("rosjax", "smooth"),        # M_smooth.
-}
 
 
 def model_spec(cfg: ExperimentConfig, architecture: str, *, class_names, num_channels: int) -> dict[str, Any]:
@@ -70,16 +62,17 @@ def model_folder(workdir: str | pathlib.Path, name: str) -> tuple[pathlib.Path, 
         if not matches:
             raise FileNotFoundError(f"no teacher {index} under {root / 'teachers'}")
         return matches[0], matches[0] / "final"
-    if name not in SETTING_MODELS:
-        raise ValueError(f"unknown setting {name!r}; valid: {', '.join(SETTING_MODELS)}, teacher:<i>")
-    folder, which = SETTING_MODELS[name]
-    return root / "settings" / folder, root / "settings" / folder / "final" / which
+    name = settings_lib.canonical(name)
+    if name not in settings_lib.REGISTRY:
+        raise ValueError(f"unknown setting {name!r}; valid: {', '.join(settings_lib.REGISTRY)}, teacher:<i>")
+    setting = settings_lib.get(name)  # baseline V is the raw student of RoS-KD's run, RoS-KD its M_smooth
+    return root / "settings" / setting.folder, root / "settings" / setting.folder / "final" / setting.model
 
 
 def load_setting(workdir: str | pathlib.Path, name: str, sharding=None):
     """Loads a finished model: returns (module, variables, spec dict).
 
-    `name` is a setting (baseline_i … baseline_v, rosjax) or `teacher:<i>`.
+    `name` is a setting of `rosjax.experiment.settings` (baseline_i … baseline_v, ros_kd) or `teacher:<i>`.
     """
     spec_dir, variables_dir = model_folder(workdir, name)
     if not (spec_dir / MODEL_JSON).exists() or not variables_dir.exists():

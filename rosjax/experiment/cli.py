@@ -6,7 +6,7 @@
 `--stage` takes a comma-separated list of stages (default `all`):
   data        prepare the dataset, the split and the teacher subsets
   teachers    train the teachers (`--teacher I` trains teacher I alone, for one job per teacher)
-  settings    train every student setting of `config.settings` (or name them: baseline_i, ...)
+  settings    train every student setting of `--settings` (default all; or name them: baseline_i, ...)
   evaluate    test metrics, attacks (Table II) and loss landscapes (Figure 4)
   sweeps      overlap-ratio, student-architecture and weight-normalisation sweeps (Figures 2–3)
   folds       NIH: three split seeds, per-class AUROC mean ± std (Table III)
@@ -30,9 +30,10 @@ from typing import Callable
 
 from rosjax import config as config_lib
 from rosjax.errors import UserError
+from rosjax.experiment import settings as settings_lib
 
 STAGES = ("data", "teachers", "settings", "evaluate", "sweeps", "folds", "report")
-SETTINGS = ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "rosjax")
+SETTINGS = settings_lib.TRAINED  # the settings with a training run of their own
 
 
 def _program_name(get_config: Callable) -> str:
@@ -92,18 +93,19 @@ def parse_args(argv: list[str], get_config: Callable[..., config_lib.ExperimentC
         cfg = config_lib.apply_overrides(cfg, overrides)
     except ValueError as err:
         parser.error(str(err))
+    cfg = dataclasses.replace(cfg, settings=tuple(settings_lib.canonical(s) for s in cfg.settings))
 
-    requested = [s.strip() for s in args.stage.split(",") if s.strip()]
+    requested = [settings_lib.canonical(s.strip()) for s in args.stage.split(",") if s.strip()]
     unknown = [s for s in requested if s not in (*STAGES, *SETTINGS, "all")]
     if unknown:
         parser.error(f"--stage: unknown {', '.join(unknown)}; valid: all, {', '.join(STAGES + SETTINGS)}")
     if "all" in requested:
         stages = [s for s in STAGES if s != "folds" or cfg.data.dataset == "nih_chestxray14"]
-        settings = list(cfg.settings)
+        settings = settings_lib.requested(cfg)
     else:
         settings = [s for s in requested if s in SETTINGS]
         stages = [s for s in STAGES if s in requested or (s == "settings" and settings)]
-        settings = settings or list(cfg.settings)
+        settings = settings or settings_lib.requested(cfg)
     if args.teacher is not None:
         if not 0 <= args.teacher < len(cfg.teachers.architectures):
             parser.error(f"--teacher {args.teacher}: the config has "

@@ -17,6 +17,7 @@ from rosjax.config import ExperimentConfig
 from rosjax.eval import attacks, collapse, landscape, metrics
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, read_json, write_json
 from rosjax.progress import bar
 from rosjax.train import evaluate as evaluate_lib
@@ -24,15 +25,9 @@ from rosjax.train import loop
 
 log = logging.getLogger(__name__)
 
-ROBUSTNESS_SETTINGS = ("baseline_iii", "rosjax")  # compared in Table II and Figure 4
-
-
 def settings_to_evaluate(settings) -> list[str]:
-    """Model names to score: each trained setting, plus baseline V whenever RoS-KD ran."""
-    names = [s for s in settings if s != "rosjax"]
-    if "rosjax" in settings:
-        names += ["baseline_v", "rosjax"]
-    return names
+    """Settings to score after training `settings` (RoS-KD's run also brings baseline V)."""
+    return settings_lib.evaluated(settings)
 
 
 def cached(path, compute):
@@ -58,7 +53,7 @@ def evaluate_all(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentDa
         results["settings"][name] = cached(wd.path("eval", f"{name}.json"),
                                            functools.partial(score_setting, cfg, wd, data, name, mesh))
 
-    compared = [s for s in ROBUSTNESS_SETTINGS if s in settings_to_evaluate(settings)]
+    compared = [s for s in settings_lib.COMPARED if s in settings_to_evaluate(settings)]
     if analyses and compared:
         results["robustness"] = cached(wd.path("eval", "robustness.json"),
                                        lambda: robustness(cfg, wd, data, compared))
@@ -83,7 +78,7 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                                              class_names=data.dataset.class_names),
             "loss": float(np.mean(out["loss"]))}
     result = {"test": test, "collapse_check": collapse.prediction_stats(scores, multilabel=data.multilabel)}
-    trained = "rosjax" if name == "baseline_v" else name  # baseline V is the raw student of the RoS-KD run
+    trained = settings_lib.get(name).folder  # baseline V's run is RoS-KD's
     symptoms = {**collapse.prediction_symptoms(scores, multilabel=data.multilabel),
                 **collapse.gradient_symptoms(collapse.grad_norms_from_file(wd.setting_dir(trained) / loop.METRICS_FILE))}
     if symptoms:

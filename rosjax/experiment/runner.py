@@ -5,6 +5,7 @@ skips what is already complete in `workdir`, so the same command resumes a kille
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Sequence
@@ -16,18 +17,18 @@ from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import evaluation, training, validate
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 from rosjax.train import parallel
 
 log = logging.getLogger(__name__)
 
 
-def check(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
-          known_settings: Sequence[str]) -> None:
+def check(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str]) -> None:
     """Checks every option against the stages (ConfigError) and the work directory's recorded
     configuration (WorkdirConflictError), before anything is written."""
     root = Workdir.resolve(workdir)
-    validate.check_options(cfg, stages=stages, settings=settings, known_settings=known_settings,
+    validate.check_options(cfg, stages=stages, settings=settings,
                            devices=jax.device_count(), workdir=root)
     check_config(root, config_lib.to_dict(cfg), write=False)
 
@@ -40,10 +41,10 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     training set of the requested stages fills a batch, so a run refused at start-up leaves
     the work directory free for the corrected command.
     """
-    from rosjax.experiment.cli import SETTINGS  # noqa: PLC0415
-
     parallel.maybe_initialize_distributed()
-    check(cfg, workdir, stages=stages, settings=settings, known_settings=SETTINGS)
+    settings = [settings_lib.canonical(s) for s in settings]
+    cfg = dataclasses.replace(cfg, settings=tuple(settings_lib.canonical(s) for s in cfg.settings))
+    check(cfg, workdir, stages=stages, settings=settings)
     wd = Workdir(workdir)
     mesh = parallel.make_mesh()
     started = time.perf_counter()
@@ -88,17 +89,19 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
     report["teachers"] = [r for i, arch in enumerate(cfg.teachers.architectures)
                           if (r := done(wd.root / "teachers" / f"{i}-{arch}")) is not None]
     settings = {}
-    for setting in report_lib.TABLE_I_ORDER:
-        trained = "rosjax" if setting == "baseline_v" else setting
-        record = done(wd.root / "settings" / trained)
-        scored = wd.root / "eval" / f"{setting}.json"
+    for entry in settings_lib.SETTINGS:  # Table I's rows, in its order
+        record = done(wd.root / "settings" / entry.folder)
+        scored = wd.root / "eval" / f"{entry.name}.json"
+        about = {"title": entry.title, **({"trained_by": entry.trained_by} if entry.trained_by else {})}
         if record is None:
-            settings[setting] = {"status": "not run"}
+            settings[entry.name] = {**about, "status": "not run"}
         elif not scored.exists():
-            settings[setting] = {**record, "status": "trained, not evaluated"}
+            settings[entry.name] = {**record, **about, "status": "trained, not evaluated"}
         else:
-            settings[setting] = {**record, **read_json(scored)}
+            settings[entry.name] = {**record, **about, **read_json(scored)}
     report["settings"] = settings
+    report["table_i_order"] = list(settings)  # JSON sorts keys; re-rendering keeps this order
+    report["cost_reference"] = settings_lib.METHOD
     for name in ("robustness", "landscape", "sweeps", "folds"):
         path = wd.root / "eval" / f"{name}.json"
         if path.exists():

@@ -25,11 +25,11 @@ from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import evaluation, training
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-COMPARED = ("baseline_iii", "rosjax")
 WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
     "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": ("sum1", True)}
 
@@ -46,39 +46,39 @@ def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd
     return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
 
 
-def _f1(scores: dict[str, Any], name: str):
-    return scores[name]["test"]["f1_macro"] if name in scores else None
-
-
 def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     """Runs the three sweeps, writes `eval/sweeps.json` and one plot per sweep; returns the results."""
-    main = {name: read_json(path) for name in evaluation.settings_to_evaluate(COMPARED)
+    compared = settings_lib.COMPARED
+    main = {name: read_json(path) for name in evaluation.settings_to_evaluate(compared)
             if (path := wd.root / "eval" / f"{name}.json").exists()}
     # validate.check_options made sure the main run's baseline III and RoS-KD are evaluated.
     d = cfg.distill
     sweeps = {
         "overlap": _sweep(
-            cfg, wd, mesh, main, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
+            cfg, wd, mesh, main, compared, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
             cfg.sweeps.overlaps, lambda p: f"p{p:g}", lambda p: p == cfg.teachers.overlap,
             lambda p: dataclasses.replace(cfg, teachers=dataclasses.replace(cfg.teachers, overlap=p)),
             own_teachers=True),
         "student": _sweep(
-            cfg, wd, mesh, main, "student", "student", "Figure 2: student architecture",
+            cfg, wd, mesh, main, compared, "student", "student", "Figure 2: student architecture",
             cfg.sweeps.students, str, lambda a: a == d.student,
             lambda a: dataclasses.replace(cfg, distill=dataclasses.replace(d, student=a)), own_teachers=False),
         "weights": _sweep(
-            cfg, wd, mesh, main, "weights", "teacher weights", "Teacher-weight normalisation",
+            cfg, wd, mesh, main, settings_lib.WEIGHT_OPTIONS, "weights", "teacher weights",
+            "Teacher-weight normalisation",
             cfg.sweeps.normalizations, str, lambda v: WEIGHT_VARIANTS[v] == (d.normalize, d.per_example),
             lambda v: dataclasses.replace(cfg, distill=dataclasses.replace(
                 d, normalize=WEIGHT_VARIANTS[v][0], per_example=WEIGHT_VARIANTS[v][1])),
-            own_teachers=False, settings=("rosjax",)),
+            own_teachers=False),
     }
     write_json(wd.path("eval", "sweeps.json"), sweeps)
     return sweeps
 
 
-def _sweep(cfg, wd, mesh, main, name, parameter, title, values, point_name: Callable, is_main: Callable,
-           point_cfg: Callable, *, own_teachers: bool, settings=COMPARED) -> dict[str, Any]:
+def _sweep(cfg, wd, mesh, main, settings, name, parameter, title, values, point_name: Callable, is_main: Callable,
+           point_cfg: Callable, *, own_teachers: bool) -> dict[str, Any]:
+    """One sweep: `settings` trained at every point but the main run's; test macro-F1 per point and setting."""
+    scored = evaluation.settings_to_evaluate(settings)
     points = {}
     for value in values:
         if is_main(value):
@@ -88,22 +88,27 @@ def _sweep(cfg, wd, mesh, main, name, parameter, title, values, point_name: Call
             pcfg = dataclasses.replace(point_cfg(value), settings=tuple(settings))
             scores = run_point(pcfg, Workdir(wd.folder("sweeps", name, point_name(value))), mesh,
                                settings=settings, teachers_wd=None if own_teachers else wd)
-        points[str(value)] = {"rosjax_f1": _f1(scores, "rosjax"), "baseline_iii_f1": _f1(scores, "baseline_iii"),
-                              "baseline_v_f1": _f1(scores, "baseline_v")}
+        points[str(value)] = {s: scores[s]["test"]["f1_macro"] if s in scores else None for s in scored}
+    titles = {s: settings_lib.get(s).title for s in scored}
     plot = f"plots/sweep_{name}.png"
-    _plot_sweep(points, parameter, title, wd.path(*plot.split("/")))
-    return {"parameter": parameter, "title": title, "points": points, "plot_png": plot}
+    _plot_sweep(points, [s for s in scored if s in settings], titles, parameter, title, wd.path(*plot.split("/")))
+    return {"parameter": parameter, "title": title, "settings": scored, "titles": titles, "points": points,
+            "plot_png": plot}
 
 
-def _plot_sweep(points: dict[str, dict], parameter: str, title: str, path) -> None:
+def _plot_sweep(points: dict[str, dict], shown: list[str], titles: dict[str, str], parameter: str, title: str,
+                path) -> None:
+    """Grouped bars: test macro-F1 of each `shown` setting at each point."""
     labels = list(points)
     x = np.arange(len(labels))
+    width = 0.8 / max(len(shown), 1)
     fig = Figure(figsize=(max(5, 1.1 * len(labels)), 3.6))
     ax = fig.add_subplot()
-    for key, label, offset in (("rosjax_f1", "RoS-KD", -0.2), ("baseline_iii_f1", "Baseline III", 0.2)):
-        values = [points[p][key] for p in labels]
+    for i, setting in enumerate(shown):
+        values = [points[p][setting] for p in labels]
         if any(v is not None for v in values):
-            ax.bar(x + offset, [np.nan if v is None else v for v in values], width=0.4, label=label)
+            ax.bar(x + (i - (len(shown) - 1) / 2) * width, [np.nan if v is None else v for v in values],
+                   width=width, label=titles[setting])
     ax.set(xticks=x, xticklabels=labels, xlabel=parameter, ylabel="test macro F1", title=title)
     ax.legend()
     FigureCanvasAgg(fig)
@@ -112,22 +117,23 @@ def _plot_sweep(points: dict[str, dict], parameter: str, title: str, path) -> No
 
 def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     """Table III: RoS-KD on each split seed; per-class test AUROC mean ± std (sample std, ddof=1)."""
+    (setting,) = settings_lib.FOLDS
     per_run = []
     for seed in cfg.sweeps.fold_seeds:
-        if seed == cfg.data.split_seed and (wd.root / "eval" / "rosjax.json").exists():
-            scores = {"rosjax": read_json(wd.root / "eval" / "rosjax.json")}
+        if seed == cfg.data.split_seed and (wd.root / "eval" / f"{setting}.json").exists():
+            scores = {setting: read_json(wd.root / "eval" / f"{setting}.json")}
         else:
             log.info("fold with split seed %d", seed)
-            fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=("rosjax",))
-            scores = run_point(fcfg, Workdir(wd.folder("folds", f"seed{seed}")), mesh, settings=("rosjax",),
+            fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=(setting,))
+            scores = run_point(fcfg, Workdir(wd.folder("folds", f"seed{seed}")), mesh, settings=(setting,),
                                teachers_wd=None)
-        per_run.append(scores["rosjax"]["test"])
+        per_run.append(scores[setting]["test"])
     names = list(per_run[0]["per_class"])
     table = np.array([[run["per_class"][c]["auroc"] if run["per_class"][c]["auroc"] is not None else np.nan
                        for c in names] for run in per_run], np.float64)  # [runs, C]
     means = np.nanmean(table, axis=1)  # [runs] mean AUROC of each run
     ddof = 1 if len(per_run) > 1 else 0
-    folds = {"setting": "RoS-KD", "runs": len(per_run), "split_seeds": list(cfg.sweeps.fold_seeds),
+    folds = {"setting": settings_lib.get(setting).title, "runs": len(per_run), "split_seeds": list(cfg.sweeps.fold_seeds),
              "class_names": names, "auroc_per_run": table.tolist(),
              "auroc_mean": np.nanmean(table, axis=0).tolist(), "auroc_std": np.nanstd(table, axis=0, ddof=ddof).tolist(),
              "mean_auroc_mean": float(np.mean(means)), "mean_auroc_std": float(np.std(means, ddof=ddof))}

@@ -16,10 +16,11 @@ import jax
 from rosjax.config import ExperimentConfig
 from rosjax.distill import cache as cache_lib
 from rosjax.distill import rl_trainer, trainer
+from rosjax.errors import UserError
 from rosjax.eval import collapse
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
-from rosjax.errors import UserError
+from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import StageClaim, Workdir, done, mark_done
 from rosjax.models import pretrained
 from rosjax.train import classifier, evaluate, loop, parallel
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 
 class MissingStageError(UserError):
     """A stage needs the output of one that has not run (e.g. a student before its teachers)."""
-
-# Settings that distil from teachers, and how they weight them.
-KD_WEIGHTING = {"baseline_ii": "equal", "baseline_iii": "equal", "rosjax": "exponential"}
 
 
 def loop_config(cfg: ExperimentConfig) -> loop.LoopConfig:
@@ -128,22 +126,15 @@ def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tup
     return teachers
 
 
-def teacher_indices(cfg: ExperimentConfig, setting: str) -> list[int]:
-    """Which teachers a setting distils from."""
-    if setting == "baseline_i":
-        return []
-    if setting == "baseline_ii":  # single_teacher is among the architectures (validate.check_options)
-        return [cfg.teachers.architectures.index(cfg.teachers.single_teacher)]
-    return list(range(len(cfg.teachers.architectures)))
-
-
 def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, setting: str,
                   mesh: jax.sharding.Mesh, *, teachers_wd: Workdir | None = None) -> dict[str, Any]:
-    """Trains one student setting on the whole training split (skipped when done).
+    """Trains one student setting of the registry on the whole training split (skipped when done).
 
-    The teachers come from `teachers_wd` (default: `wd` itself); sweeps over student options
-    reuse the main run's teachers this way.
+    The registry entry says which teachers, which step (KD or the RL agent), which teacher
+    weights and whether M_smooth is kept. The teachers come from `teachers_wd` (default: `wd`
+    itself); sweeps over student options reuse the main run's teachers this way.
     """
+    entry = settings_lib.get(setting)
     folder = wd.setting_dir(setting)
     if (record := done(folder)) is not None:
         return record
@@ -156,11 +147,11 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     artifacts.write_spec(folder, spec)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
-    indices = teacher_indices(cfg, setting)
+    indices = entry.teacher_indices(cfg)
     teachers = load_teachers(cfg, teachers_wd or wd, indices, mesh)
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
     # Baseline IV's agent needs a teacher's pooled features, which the cache does not store.
-    cached = cfg.distill.teacher_outputs == "cached" and bool(indices) and setting != "baseline_iv"
+    cached = cfg.distill.teacher_outputs == "cached" and bool(indices) and entry.trainer != "rl"
     if cached:
         store = teacher_cache(cfg, teachers_wd or wd, data, mesh)
         make_train_iter = lambda: cache_lib.cached_train_iterator(  # noqa: E731
@@ -173,7 +164,7 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh)
     d = cfg.distill
-    if setting == "baseline_iv":
+    if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
                                     kd=trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting="equal"),
                                     rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
@@ -181,12 +172,12 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                                                          baseline_decay=d.rl_baseline_decay),
                                     **common)
     else:
-        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=KD_WEIGHTING.get(setting, "equal"),
-                            per_example=d.per_example if setting == "rosjax" else False,
-                            normalize=d.normalize if setting == "rosjax" else "sum1")
+        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting,
+                            per_example=d.per_example if entry.weight_options else False,
+                            normalize=d.normalize if entry.weight_options else "sum1")
         smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
                                      recalibration_batches=d.recalibration_batches)
-                  if setting == "rosjax" else None)
+                  if entry.smoothing else None)
         trainer.train_student(model, teachers, make_train_iter, validation_evaluator(cfg, data, mesh), folder,
                               kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
                               cached_teacher_outputs=cached, **common)

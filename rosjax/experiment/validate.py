@@ -24,6 +24,7 @@ from rosjax.config import ExperimentConfig
 from rosjax.data import noise as noise_lib
 from rosjax.distill import weighting
 from rosjax.errors import UserError
+from rosjax.experiment import settings as settings_lib
 from rosjax.models import MODEL_NAMES
 
 ARCHITECTURES = (*MODEL_NAMES, "tiny_cnn")
@@ -67,23 +68,23 @@ class _Problems:
 
 
 def check_options(cfg: ExperimentConfig, *, stages: Sequence[str], settings: Sequence[str],
-                  known_settings: Sequence[str], devices: int, workdir: pathlib.Path | None = None) -> None:
+                  devices: int, workdir: pathlib.Path | None = None) -> None:
     """Checks every field of `cfg` and the requested stages; raises ConfigError listing each bad one."""
     p = _Problems()
-    _check_top(p, cfg, settings, known_settings)
+    _check_top(p, cfg, settings)
     _check_data(p, cfg, devices)
     _check_optim(p, cfg, devices)
     _check_teachers(p, cfg, settings)
     _check_distill(p, cfg, devices)
     _check_evaluation(p, cfg)
-    _check_sweeps(p, cfg, stages, workdir)
+    _check_sweeps(p, cfg, stages, settings, workdir)
     p.raise_if_any()
 
 
-def _check_top(p: _Problems, cfg: ExperimentConfig, settings, known_settings) -> None:
+def _check_top(p: _Problems, cfg: ExperimentConfig, settings) -> None:
+    known_settings = settings_lib.TRAINED
     p.require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
-    p.require(len(cfg.settings) > 0, "settings", cfg.settings, "name at least one setting")
     for name in dict.fromkeys((*cfg.settings, *settings)):
         p.require(name in known_settings, "settings", name, f"unknown setting; valid: {', '.join(known_settings)}")
     p.require(len(set(cfg.settings)) == len(cfg.settings), "settings", cfg.settings, "a setting is named twice")
@@ -218,7 +219,7 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
               f"give one file per teacher ({len(t.architectures)}; an empty entry trains that one from scratch)")
     for path in t.pretrained:
         p.require(not path or pathlib.Path(path).expanduser().is_file(), "teachers.pretrained", path, "no such file")
-    if "baseline_ii" in (*cfg.settings, *settings):
+    if any(settings_lib.get(s).teachers == "single" for s in settings if s in settings_lib.REGISTRY):
         p.require(t.single_teacher in t.architectures, "teachers.single_teacher", t.single_teacher,
                   f"baseline II's teacher must be among --teachers.architectures ({','.join(t.architectures)})")
 
@@ -256,8 +257,10 @@ def _check_evaluation(p: _Problems, cfg: ExperimentConfig) -> None:
     p.require(e.landscape_seed >= 0, "evaluation.landscape_seed", e.landscape_seed, "must be >= 0")
 
 
-def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, workdir: pathlib.Path | None) -> None:
-    from rosjax.experiment.sweeps import COMPARED, WEIGHT_VARIANTS  # noqa: PLC0415
+def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir: pathlib.Path | None) -> None:
+    from rosjax.experiment.sweeps import WEIGHT_VARIANTS  # noqa: PLC0415
+
+    compared = settings_lib.COMPARED
 
     s = cfg.sweeps
     for value in s.overlaps:
@@ -271,10 +274,10 @@ def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, workdir: pathlib.
               "distinct split seeds >= 0")
     if "sweeps" in stages:
         # The sweeps compare against the main run's baseline III and RoS-KD.
-        evaluated = workdir is not None and all((workdir / "eval" / f"{n}.json").exists() for n in COMPARED)
-        will_train = {"settings", "evaluate"} <= set(stages) and set(COMPARED) <= set(cfg.settings)
+        evaluated = workdir is not None and all((workdir / "eval" / f"{n}.json").exists() for n in compared)
+        will_train = {"settings", "evaluate"} <= set(stages) and set(compared) <= set(settings)
         p.require(evaluated or will_train, "stage", "sweeps",
-                  f"the sweeps compare against the main run: include {' and '.join(COMPARED)} in --settings "
+                  f"the sweeps compare against the main run: include {' and '.join(compared)} in --settings "
                   "and the stages settings,evaluate (or run them first)")
 
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+
 def _fans(shape: Sequence[int]) -> tuple[int, int]:
     """(fan_in, fan_out) of a Flax kernel: HWIO for convolutions, [in, out] for dense layers.
 

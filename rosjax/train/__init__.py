@@ -6,8 +6,7 @@ paper's SGD recipe), `loop` (fit: epochs, checkpoints, resume, logging), `evalua
 (validation passes and metrics), `classifier` (train_classifier for teachers and baselines).
 """
 from rosjax.train.state import TrainState, create_train_state
-from rosjax.train.steps import (accuracy, apply_gradients, eval_step, forward_train, step_rng,
-                                train_step)
+from rosjax.train.steps import accuracy, apply_gradients, eval_step, forward_train, step_rng, train_step
 
 __all__ = ["TrainState", "create_train_state", "accuracy", "apply_gradients", "eval_step",
            "forward_train", "step_rng", "train_step"]

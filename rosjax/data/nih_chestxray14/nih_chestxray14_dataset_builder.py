@@ -31,8 +31,15 @@ import tensorflow_datasets as tfds
 from rosjax.data import builder_utils
 from rosjax.data.builder_utils import DataError
 from rosjax.data.nih_chestxray14.csv_files import (
-    LABEL_CSV_NAMES, LABEL_NAMES, TEST_LIST, TRAIN_VAL_LIST, NihRecord, multi_hot,
-    read_image_list, read_label_csv)
+    LABEL_CSV_NAMES,
+    LABEL_NAMES,
+    TEST_LIST,
+    TRAIN_VAL_LIST,
+    NihRecord,
+    multi_hot,
+    read_image_list,
+    read_label_csv,
+)
 
 IMAGE_SIZES = (32, 64, 96, 128, 224, 256, 512)  # 512: about four times the 256-px size on disk
 DEFAULT_IMAGE_SIZE = 256
