@@ -148,3 +148,25 @@ def test_predict_drops_padded_rows_and_keeps_order():
     np.testing.assert_array_equal(out["label"], labels)
     ce = -np.log(_softmax(logits)[np.arange(6), labels])
     np.testing.assert_allclose(out["loss"], ce, rtol=1e-5)
+
+
+def test_step_decay_matches_optax_sgd_and_one_program_serves_every_epoch_length():
+    """The epoch length is optimiser state: the same compiled update for 2 and 3 steps per epoch,
+    with updates equal (bit for bit) to optax.sgd on optax.piecewise_constant_schedule."""
+    cfg = OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=0.0, milestones=(1, 2), decay_factor=0.1)
+    params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 7}
+    rng = np.random.default_rng(0)
+    grads = [{"w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)} for _ in range(8)]
+    texts = []
+    for spe in (2, 3):
+        tx, _ = optim.make_optimizer(cfg, steps_per_epoch=spe)
+        boundaries = {spe * 1: 0.1, spe * 2: 0.1}
+        reference = optax.sgd(optax.piecewise_constant_schedule(0.1, boundaries), momentum=0.9)
+        state, ref_state = tx.init(params), reference.init(params)
+        update = jax.jit(tx.update)
+        texts.append(update.lower(grads[0], state, params).as_text())
+        for g in grads:
+            ours, state = update(g, state, params)
+            theirs, ref_state = jax.jit(reference.update)(g, ref_state, params)
+            np.testing.assert_array_equal(np.asarray(ours["w"]), np.asarray(theirs["w"]))
+    assert texts[0] == texts[1]

@@ -20,7 +20,10 @@ The hyper-parameters live in `rosjax.config.OptimConfig` (paper defaults, a comm
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from rosjax.config import OptimConfig
@@ -48,5 +51,40 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, *,
     mask = None if decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1,
                                                                       params))
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
-                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
+                     optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+                     scale_by_step_decay(cfg, steps_per_epoch))
     return tx, schedule
+
+
+class StepDecayState(NamedTuple):
+    """Update count and epoch length of `scale_by_step_decay`: both arrays of the state."""
+    count: jax.Array            # int32 [] updates applied so far
+    steps_per_epoch: jax.Array  # int32 []
+
+
+def scale_by_step_decay(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Multiplies updates by -lr, lr = `lr_schedule(cfg, steps_per_epoch)(count)`, bit for bit.
+
+    The epoch length lives in the optimiser state rather than in the compiled program, so
+    teachers on subsets of different sizes (the overlap sweep, the folds) share one compiled
+    train step per architecture instead of compiling one per subset size. The arithmetic is
+    optax.piecewise_constant_schedule's: the initial rate times each passed milestone's factor.
+    """
+    lr_schedule(cfg, steps_per_epoch)  # the same argument checks
+    milestones = sorted(cfg.milestones)
+
+    def init(params):
+        del params
+        return StepDecayState(count=jnp.zeros([], jnp.int32), steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        epoch = state.count // state.steps_per_epoch
+        lr = jnp.array(cfg.learning_rate, jnp.float32)
+        for milestone in milestones:
+            lr = lr * jnp.where(epoch < milestone, 1.0, cfg.decay_factor)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, StepDecayState(count=optax.safe_int32_increment(state.count),
+                                       steps_per_epoch=state.steps_per_epoch)
+
+    return optax.GradientTransformation(init, update)
