@@ -14,7 +14,7 @@ import pytest
 
 from rosjax import checkpoint, models
 from rosjax.config import OptimConfig
-from rosjax.train import classifier, loop, parallel
+from rosjax.train import classifier, loop, parallel, start
 
 WORKER = pathlib.Path(__file__).with_name("_train_worker.py")
 
@@ -133,7 +133,7 @@ def test_train_classifier_keeps_and_exports_the_best_epoch(tmp_path):
         steps_per_epoch=tw.STEPS_PER_EPOCH, image_shape=(tw.IMAGE, tw.IMAGE, tw.CHANNELS),
         multilabel=False, loop_cfg=tw.loop_config(checkpoint_every_steps=0))
     assert result.best_step == tw.STEPS_PER_EPOCH
-    final = checkpoint.load_variables(tmp_path / classifier.FINAL_DIR)
+    final = checkpoint.load_variables(tmp_path / start.FINAL_DIR)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(final), seen[0])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.variables), seen[0])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -50,10 +50,11 @@ import optax
 from rosjax import checkpoint
 from rosjax.config import OptimConfig
 from rosjax.distill import rl_policy
-from rosjax.distill.trainer import FINAL_DIR, KDSpec
-from rosjax.train import loop, optim, parallel
+from rosjax.distill.trainer import KDSpec
+from rosjax.train import loop, parallel
 from rosjax.train import steps as train_steps
-from rosjax.train.state import TrainState, create_train_state
+from rosjax.train.start import FINAL_DIR, start_run
+from rosjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +275,9 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     if rl.equal_epochs >= optim_cfg.epochs:
         log.warning("baseline IV: --distill.rl_equal_epochs=%d >= --optim.epochs=%d, the agent "
                     "never acts and this run is baseline III", rl.equal_epochs, optim_cfg.epochs)
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(optim_cfg.batch_size, mesh)
-    tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
-    init_key, run_key = jax.random.split(jax.random.key(seed))
-    student = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+    run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
+                    seed=seed, mesh=mesh)
+    mesh, student, init_key, run_key, schedule = run.mesh, run.state, run.init_key, run.run_key, run.schedule
 
     apply_fns = tuple(apply for apply, _ in teachers)
     frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))

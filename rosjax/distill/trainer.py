@@ -28,10 +28,9 @@ from rosjax import checkpoint
 from rosjax.config import OptimConfig
 from rosjax.distill import cache, smoothing
 from rosjax.distill.steps import make_distill_step
-from rosjax.train import loop, optim, parallel, steps
-from rosjax.train.state import create_train_state
+from rosjax.train import loop, parallel, steps
+from rosjax.train.start import FINAL_DIR, start_run
 
-FINAL_DIR = "final"
 SMOOTH_KEY = "smooth"
 
 
@@ -89,11 +88,9 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       cached_teacher_outputs: the train batches carry the teachers' stored logits
         (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
     """
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(optim_cfg.batch_size, mesh)
-    tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
-    init_key, run_key = jax.random.split(jax.random.key(seed))
-    state = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+    run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
+                    seed=seed, mesh=mesh)
+    mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
 
     if teachers:
         apply_fns = tuple(apply for apply, _ in teachers)

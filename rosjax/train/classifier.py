@@ -18,10 +18,8 @@ import jax
 
 from rosjax import checkpoint
 from rosjax.config import OptimConfig
-from rosjax.train import loop, optim, parallel, steps
-from rosjax.train.state import create_train_state
-
-FINAL_DIR = "final"
+from rosjax.train import loop, parallel, steps
+from rosjax.train.start import FINAL_DIR, start_run
 
 
 def default_best_metric(multilabel: bool) -> str:
@@ -62,13 +60,11 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
         ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the
         momentum buffers start at zero either way. A resumed run restores its checkpoint instead.
     """
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(optim_cfg.batch_size, mesh)
     if evaluate is not None and loop_cfg.best_metric is None:
         loop_cfg = dataclasses.replace(loop_cfg, best_metric=default_best_metric(multilabel))
-    tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
-    init_key, run_key = jax.random.split(jax.random.key(seed))
-    state = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+    run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
+                    seed=seed, mesh=mesh)
+    mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
     if load_weights is not None:
         loaded = jax.device_put(load_weights(jax.device_get(state.variables)), parallel.replicated(mesh))
         state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
