@@ -63,7 +63,8 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
         # One extra point per sweep (the main run is the other); folds: two split seeds. Overlap
         # 0.2, not 0: disjoint subsets of the ~77 sample training images hold 15 or 16 each,
         # fewer than a batch of 16.
-        sweeps=dataclasses.replace(cfg.sweeps, overlaps=(0.2, cfg.teachers.overlap), students=("resnet18", "mobilenet_v2"),
+        sweeps=dataclasses.replace(cfg.sweeps, overlaps=(0.2, cfg.teachers.overlap),
+                                   students=("resnet18", "mobilenet_v2"),
                                    normalizations=("none", "sum1"), fold_seeds=(0, 1)),
         checkpoint_every_steps=4,
         log_every_steps=2,

@@ -268,7 +268,7 @@ class RunCheckpoints:
             self.close()
             raise
 
-    def __enter__(self) -> "RunCheckpoints":
+    def __enter__(self) -> RunCheckpoints:
         return self
 
     def __exit__(self, *exc) -> None:

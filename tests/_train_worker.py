@@ -91,7 +91,7 @@ def make_state_and_step(mesh, *, epochs: int = 2):
     return jax.tree.map(jnp.copy, initial), step, schedule
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _initial_state_and_step(mesh):
     import jax
 

@@ -184,7 +184,8 @@ def test_pgd_raises_loss_at_least_as_much_as_fgsm(norm, eps):
 
 def test_pgd_same_key_same_result():
     x, y = _images(7), _labels(7)
-    run = lambda key: np.asarray(_pgd_mlp(_mlp_params(), x, y, key, 0.5, "l2", steps=3))
+    def run(key):
+        return np.asarray(_pgd_mlp(_mlp_params(), x, y, key, 0.5, "l2", steps=3))
     first = run(jax.random.key(11))
     np.testing.assert_array_equal(first, run(jax.random.key(11)))
     assert not np.array_equal(first, run(jax.random.key(12)))  # the random start uses the key
@@ -269,7 +270,8 @@ def test_random_start_is_uniform_in_the_ball(norm):
     # With one step of size 0, PGD returns x + its random start (x = 0.5, eps = 0.4: no clip).
     n, eps = 4000, 0.4
     x = np.full((n, 1, 1, 2), 0.5, np.float32)  # 2-D "images": the ball is a disk / square
-    apply_fn = lambda v: jnp.matmul(v.reshape(n, 2), jnp.ones((2, K)), precision="highest")
+    def apply_fn(v):
+        return jnp.matmul(v.reshape(n, 2), jnp.ones((2, K)), precision="highest")
     x_adv = attacks.pgd(apply_fn, x, np.zeros(n, np.int32), jax.random.key(9), eps=eps,
                         norm=norm, steps=1, step_size=0.0)
     delta = np.asarray(x_adv, np.float64).reshape(n, 2) - 0.5

@@ -38,7 +38,8 @@ import pathlib
 import socket
 import urllib.parse
 import zipfile
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import PIL.Image

@@ -39,7 +39,8 @@ import dataclasses
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

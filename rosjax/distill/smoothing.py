@@ -57,7 +57,8 @@ class SmoothState(flax.struct.PyTreeNode):
         """Empty running mean shaped like `params` (and `batch_stats` if they are averaged)."""
         if average_batch_stats and batch_stats is None:
             raise ValueError("smoothing: average_batch_stats=True needs the model's batch_stats")
-        copy = lambda tree: jax.tree.map(jnp.array, tree)
+        def copy(tree):
+            return jax.tree.map(jnp.array, tree)
         return cls(params=copy(params),
                    batch_stats=copy(batch_stats) if average_batch_stats else None,
                    count=jnp.zeros((), jnp.int32))

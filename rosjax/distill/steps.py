@@ -20,7 +20,8 @@ Baseline I (no teachers) is `rosjax.train.steps.train_step`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp

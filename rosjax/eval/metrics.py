@@ -194,7 +194,8 @@ def classification_metrics(y_true, y_score, *, multilabel, threshold=0.5, thresh
 
     present_names = [name for k, name in enumerate(names) if present[k]]
     auroc_names = [name for name in names if per_class[name]["auroc"] is not None]
-    macro = lambda key, keys: (float(np.mean([per_class[s][key] for s in keys])) if keys else None)
+    def macro(key, keys):
+        return (float(np.mean([per_class[s][key] for s in keys])) if keys else None)
 
     if multilabel:
         accuracy = float(np.mean(np.all(pred == truth, axis=1)))

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from rosjax import config as config_lib
 from rosjax.errors import UserError

@@ -80,7 +80,8 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     result = {"test": test, "collapse_check": collapse.prediction_stats(scores, multilabel=data.multilabel)}
     trained = settings_lib.get(name).folder  # baseline V's run is RoS-KD's
     symptoms = {**collapse.prediction_symptoms(scores, multilabel=data.multilabel),
-                **collapse.gradient_symptoms(collapse.grad_norms_from_file(wd.setting_dir(trained) / loop.METRICS_FILE))}
+                **collapse.gradient_symptoms(
+                    collapse.grad_norms_from_file(wd.setting_dir(trained) / loop.METRICS_FILE))}
     if symptoms:
         log.warning("COLLAPSE: setting %s (test split): %s", name, collapse.describe(symptoms))
         result["collapsed"] = symptoms

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -133,9 +134,10 @@ def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
                        for c in names] for run in per_run], np.float64)  # [runs, C]
     means = np.nanmean(table, axis=1)  # [runs] mean AUROC of each run
     ddof = 1 if len(per_run) > 1 else 0
-    folds = {"setting": settings_lib.get(setting).title, "runs": len(per_run), "split_seeds": list(cfg.sweeps.fold_seeds),
-             "class_names": names, "auroc_per_run": table.tolist(),
-             "auroc_mean": np.nanmean(table, axis=0).tolist(), "auroc_std": np.nanstd(table, axis=0, ddof=ddof).tolist(),
+    folds = {"setting": settings_lib.get(setting).title, "runs": len(per_run),
+             "split_seeds": list(cfg.sweeps.fold_seeds), "class_names": names, "auroc_per_run": table.tolist(),
+             "auroc_mean": np.nanmean(table, axis=0).tolist(),
+             "auroc_std": np.nanstd(table, axis=0, ddof=ddof).tolist(),
              "mean_auroc_mean": float(np.mean(means)), "mean_auroc_std": float(np.std(means, ddof=ddof))}
     write_json(wd.path("eval", "folds.json"), folds)
     return folds

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rosjax.config import ExperimentConfig
 from rosjax.data import noise as noise_lib

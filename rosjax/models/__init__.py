@@ -16,7 +16,8 @@ Torchvision-layout weights (ImageNet checkpoints) load with
 """
 import functools
 import numbers
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -40,8 +41,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 
 
 def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
-           pixel_mean: Optional[Sequence[float]] = None,
-           pixel_std: Optional[Sequence[float]] = None) -> nn.Module:
+           pixel_mean: Sequence[float] | None = None,
+           pixel_std: Sequence[float] | None = None) -> nn.Module:
     """Returns the Flax module `name` with a `num_classes`-way head.
 
     dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay

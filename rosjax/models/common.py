@@ -7,7 +7,8 @@ dtype, and PyTorch's default `nn.Linear` initialisation for classifier heads.
 """
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -103,8 +104,8 @@ max_pool_3x3_s2 = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2
                                     padding=((1, 1), (1, 1)))
 
 
-def normalize_pixels(x: jax.Array, mean: Optional[Sequence[float]],
-                     std: Optional[Sequence[float]], dtype: Any) -> jax.Array:
+def normalize_pixels(x: jax.Array, mean: Sequence[float] | None,
+                     std: Sequence[float] | None, dtype: Any) -> jax.Array:
     """`(x - mean) / std` over the channel axis of NHWC pixels in [0, 1], then cast to `dtype`.
 
     `mean` and `std` hold one value per channel, or one value for all channels; None means 0

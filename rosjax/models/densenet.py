@@ -12,7 +12,7 @@ Submodules carry torchvision's module paths with '_' for '.': `features_conv0`,
 `features_denseblock1/denselayer1/norm1`, `features_transition1/conv`, `classifier`.
 """
 import functools
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -74,8 +74,8 @@ class DenseNet(nn.Module):
     """
     num_classes: int
     dtype: Any = jnp.float32
-    pixel_mean: Optional[tuple[float, ...]] = None
-    pixel_std: Optional[tuple[float, ...]] = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
     growth_rate: int = 32
     block_config: tuple[int, ...] = (6, 12, 24, 16)
     num_init_features: int = 64

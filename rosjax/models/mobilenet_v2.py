@@ -10,7 +10,7 @@ convolution `features.0.0`, `features_2/conv_1_0` the depthwise convolution `fea
 `classifier_1` the Linear layer `classifier.1`.
 """
 import functools
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -60,8 +60,8 @@ class MobileNetV2(nn.Module):
     """
     num_classes: int
     dtype: Any = jnp.float32
-    pixel_mean: Optional[tuple[float, ...]] = None
-    pixel_std: Optional[tuple[float, ...]] = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
     dropout_rate: float = 0.2
     inverted_residual_setting: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_SETTING
 

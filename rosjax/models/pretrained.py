@@ -29,7 +29,7 @@ Two adaptations are made, and logged, rather than failing:
 import logging
 import pathlib
 import re
-from typing import Any, Union
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -57,8 +57,8 @@ _LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
                                   r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def load_torchvision_weights(module_name_or_module: Union[str, nn.Module], variables: Any,
-                             path: Union[str, pathlib.Path], *, strict: bool = True) -> dict:
+def load_torchvision_weights(module_name_or_module: str | nn.Module, variables: Any,
+                             path: str | pathlib.Path, *, strict: bool = True) -> dict:
     """Returns `variables` with every tensor taken from the torchvision-layout file `path`.
 
     `variables` is the model's `{'params', 'batch_stats'}` tree (arrays, or
@@ -110,8 +110,8 @@ def load_torchvision_weights(module_name_or_module: Union[str, nn.Module], varia
     return traverse_util.unflatten_dict(loaded)
 
 
-def save_torchvision_weights(module_name_or_module: Union[str, nn.Module], variables: Any,
-                             path: Union[str, pathlib.Path]) -> None:
+def save_torchvision_weights(module_name_or_module: str | nn.Module, variables: Any,
+                             path: str | pathlib.Path) -> None:
     """Writes `variables` as a torchvision `state_dict` to a `.safetensors` or `.npz` file.
 
     The inverse of `load_torchvision_weights` (plus a zero `num_batches_tracked` per
@@ -137,7 +137,7 @@ def save_torchvision_weights(module_name_or_module: Union[str, nn.Module], varia
         raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use .safetensors or .npz.")
 
 
-def _stem_and_head(module_name_or_module: Union[str, nn.Module]) -> tuple[str, str]:
+def _stem_and_head(module_name_or_module: str | nn.Module) -> tuple[str, str]:
     """torchvision names of the model's first convolution and of its classifier."""
     module = (models.create(module_name_or_module, 1)
               if isinstance(module_name_or_module, str) else module_name_or_module)

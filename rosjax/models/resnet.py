@@ -8,7 +8,8 @@ zero-initialised residual branches). Submodules are named after torchvision's mo
 `rosjax.models.pretrained` relies on.
 """
 import functools
-from typing import Any, ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -72,8 +73,8 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int]
     num_classes: int
     dtype: Any = jnp.float32
-    pixel_mean: Optional[tuple[float, ...]] = None
-    pixel_std: Optional[tuple[float, ...]] = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
     torch_stem: ClassVar[str] = "conv1"

@@ -6,7 +6,7 @@ Names follow the ResNet convention (`conv1`, `bn1`, ..., `fc`), so the torchvisi
 weight loader works on it too.
 """
 import functools
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,8 +22,8 @@ class TinyCNN(nn.Module):
     """
     num_classes: int
     dtype: Any = jnp.float32
-    pixel_mean: Optional[tuple[float, ...]] = None
-    pixel_std: Optional[tuple[float, ...]] = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
     # torchvision-style names of the first convolution and of the classifier.
     torch_stem: ClassVar[str] = "conv1"

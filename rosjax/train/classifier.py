@@ -11,7 +11,8 @@ import dataclasses
 import functools
 import os
 import pathlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax

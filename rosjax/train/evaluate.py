@@ -7,7 +7,8 @@ process reads the whole split's predictions and computes the same metrics.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np

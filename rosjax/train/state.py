@@ -5,7 +5,8 @@ carries no RNG and a resumed run draws the same keys at the same steps.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
