@@ -78,24 +78,25 @@ def check_report(workdir: pathlib.Path) -> dict:
     return report
 
 
-@pytest.mark.slow
-def test_readme_lesion_smoke_command(tmp_path):
-    command = readme_command("experiments.lesion")
+def run_readme_smoke(module: str, tmp_path: pathlib.Path) -> tuple[dict, str]:
+    """Runs the README's smoke command of `module` verbatim; returns (report.json, report.md)."""
+    command = readme_command(module)
     done, seconds = run_verbatim(command, tmp_path)
     print(f"{command}: {seconds:.0f} s")
     assert done.returncode == 0, done.stderr[-4000:]
     check_console(done)
-    report = check_report(workdir_of(command, tmp_path / "cwd"))
+    workdir = workdir_of(command, tmp_path / "cwd")
+    return check_report(workdir), (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_readme_lesion_smoke_command(tmp_path):
+    report, _ = run_readme_smoke("experiments.lesion", tmp_path)
     assert not report["data"]["multilabel"]
 
 
 @pytest.mark.slow
 def test_readme_nih_smoke_command(tmp_path):
-    command = readme_command("experiments.nih_cxr")
-    done, seconds = run_verbatim(command, tmp_path)
-    print(f"{command}: {seconds:.0f} s")
-    assert done.returncode == 0, done.stderr[-4000:]
-    check_console(done)
-    report = check_report(workdir_of(command, tmp_path / "cwd"))
+    report, markdown = run_readme_smoke("experiments.nih_cxr", tmp_path)
     assert report["data"]["multilabel"] and report["folds"]["runs"] == 2
-    assert "Table III" in (workdir_of(command, tmp_path / "cwd") / "report.md").read_text()
+    assert "Table III" in markdown

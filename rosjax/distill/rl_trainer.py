@@ -250,7 +250,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                      image_shape: tuple[int, int, int], multilabel: bool,
                      kd: KDSpec = KDSpec(weighting="equal"), rl: RLSpec = RLSpec(), seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                     mesh: jax.sharding.Mesh | None = None) -> RLStudentResult:
+                     mesh: jax.sharding.Mesh | None = None, compile_only: bool = False) -> RLStudentResult | None:
     """Trains baseline IV's student and exports it (and the agent) to `<workdir>/final`.
 
     Args:
@@ -266,6 +266,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         the same trajectory up to float rounding).
       kd: temperature and KD weight; the weighting must be "equal" (stage 1 is baseline III).
       rl: the agent and the length of stage 1.
+      compile_only: only compile the step (`parallel.compile_step`, for compiling ahead) and return None.
     """
     if not teachers:
         raise ValueError("baseline IV needs at least one teacher")
@@ -294,7 +295,11 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                                 baseline_decay=rl.baseline_decay,
                                 embedding_teacher=embedding_teacher,
                                 per_example_reward=rl.per_example_reward)
-    result = loop.fit(state, parallel.jit_train_step(step, mesh, frozen=frozen), make_train_iter(),
+    step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
+    if compile_only:
+        parallel.compile_step(step_fn, state, next(make_train_iter()), run_key, mesh)
+        return None
+    result = loop.fit(state, step_fn, make_train_iter(),
                       run_key=run_key, num_epochs=optim_cfg.epochs,
                       steps_per_epoch=steps_per_epoch, workdir=workdir, mesh=mesh,
                       cfg=dataclasses.replace(loop_cfg, best_metric=None), evaluate=evaluate,

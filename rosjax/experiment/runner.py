@@ -58,11 +58,19 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     data_lib.write_split(data, cfg, wd.path("data", "split.json"))
     if "teachers" in stages:
         indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
-        for i in indices:
-            training.train_teacher(cfg, wd, data, i, mesh)
+        compiler = training.teacher_compiler(cfg, wd, data, indices, mesh)
+        try:
+            for i in indices:
+                training.train_teacher(cfg, wd, data, i, mesh, compiler)
+        finally:
+            compiler.close()
     if "settings" in stages:
-        for setting in settings:
-            training.train_setting(cfg, wd, data, setting, mesh)
+        compiler = training.setting_compiler(cfg, wd, data, settings, mesh)
+        try:
+            for setting in settings:
+                training.train_setting(cfg, wd, data, setting, mesh, compiler=compiler)
+        finally:
+            compiler.close()
     if "evaluate" in stages:
         evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh)
     if "sweeps" in stages:

@@ -6,9 +6,12 @@ resumes from its last checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -65,28 +68,107 @@ def test_metrics(cfg, data, model, variables, mesh) -> dict[str, Any]:
     return evaluator(artifacts.inference_state(model, variables), {})
 
 
+class CompileAhead:
+    """Compiles the programs of stages still to run on a second thread, while the main thread
+    runs them in order.
+
+    XLA compiles one program on one core, and on a CPU the first steps of a training run are
+    mostly compiling (DenseNet-121's train step about two minutes, baseline IV's step with five
+    teachers inside more): the second thread works from the last job (the paper's teacher list
+    ends with the slow DenseNet-121), the main thread from the first, and `wait(key)` before
+    running a job makes sure no program is compiled twice. Each job is the stage's own code
+    with `compile_only=True`, so the programs are the very ones the runs compile; they go to
+    JAX's persistent cache (the CLI turns it on; without one nothing is started). A failed
+    compile-ahead is ignored: the run then compiles, and reports, by itself.
+    """
+
+    def __init__(self, jobs: list[tuple[Any, Callable[[], None]]], name: str):
+        self._jobs = dict(jobs)
+        self._lock = threading.Lock()
+        self._started: dict[Any, threading.Event] = {}
+        self._thread = threading.Thread(target=self._from_the_end, args=([k for k, _ in jobs][::-1],),
+                                        name=name, daemon=True)
+        if jobs and jax.config.jax_compilation_cache_dir:
+            self._thread.start()
+
+    def _claim(self, key) -> threading.Event | None:
+        """An event to set when done if `key` was not claimed yet, else None."""
+        with self._lock:
+            if key in self._started:
+                return None
+            self._started[key] = threading.Event()
+            return self._started[key]
+
+    def _from_the_end(self, order: list) -> None:
+        for key in order:
+            finished = self._claim(key)
+            if finished is None:  # the main thread got there first: the rest is its
+                return
+            try:
+                self._jobs[key]()
+            except Exception as err:  # noqa: BLE001 (the run compiles and reports by itself)
+                log.debug("compiling %s ahead failed: %s", key, err)
+            finally:
+                finished.set()
+
+    def wait(self, key) -> None:
+        """Before running `key`: waits for its compile-ahead, or claims it for the caller."""
+        if self._claim(key) is None:
+            self._started[key].wait()
+        else:
+            self._started[key].set()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def teacher_compiler(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, indices,
+                     mesh) -> CompileAhead:
+    """Compiles ahead the train steps of the teachers of `indices` that are still to train."""
+    pending = [i for i in indices if done(wd.teacher_dir(i, cfg.teachers.architectures[i])) is None]
+    return CompileAhead([(i, functools.partial(train_teacher, cfg, wd, data, i, mesh, compile_only=True))
+                         for i in pending], "teacher-compiler")
+
+
+def setting_compiler(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, settings,
+                     mesh) -> CompileAhead:
+    """Compiles ahead the step of baseline IV (the RL setting), whose five online teachers make it
+    the slowest of the settings to compile, while the main thread trains the others."""
+    pending = [s for s in settings if done(wd.setting_dir(s)) is None and settings_lib.get(s).trainer == "rl"]
+    return CompileAhead([(s, functools.partial(train_setting, cfg, wd, data, s, mesh, compile_only=True))
+                         for s in pending], "setting-compiler")
+
+
 def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, index: int,
-                  mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Trains teacher `index` on its subset (skipped when done); returns its DONE record."""
+                  mesh: jax.sharding.Mesh, compiler: CompileAhead | None = None, *,
+                  compile_only: bool = False) -> dict[str, Any] | None:
+    """Trains teacher `index` on its subset (skipped when done); returns its DONE record.
+
+    `compile_only` compiles its train step and returns None (`CompileAhead`'s job).
+    """
     architecture = cfg.teachers.architectures[index]
     folder = wd.teacher_dir(index, architecture)
+    spec, rows, seed = spec_for(cfg, data, architecture), data.subsets[index], _seed(cfg, "teacher", index)
+    model = artifacts.build_model(spec)
+    run = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
+               image_shape=image_shape(cfg, data), multilabel=data.multilabel, seed=seed, mesh=mesh,
+               load_weights=pretrained_loader(cfg, index))
+    make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=seed)  # noqa: E731
+    if compile_only:
+        return classifier.train_classifier(model, make_iter, None, folder, **run, compile_only=True)
     if (record := done(folder)) is not None:
         return record
     claim = StageClaim(folder)
     if (record := done(folder)) is not None:  # finished by the job that held the claim
         claim.release()
         return record
-    log.info("teacher %d (%s): %d training examples", index, architecture, len(data.subsets[index]))
-    spec = spec_for(cfg, data, architecture)
+    log.info("teacher %d (%s): %d training examples", index, architecture, len(rows))
     artifacts.write_spec(folder, spec)
-    model = artifacts.build_model(spec)
-    rows = data.subsets[index]
-    result = classifier.train_classifier(
-        model, lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "teacher", index)),
-        validation_evaluator(cfg, data, mesh), folder, optim_cfg=cfg.optim,
-        steps_per_epoch=data_lib.steps_per_epoch(cfg, rows), image_shape=image_shape(cfg, data),
-        multilabel=data.multilabel, seed=_seed(cfg, "teacher", index), loop_cfg=loop_config(cfg), mesh=mesh,
-        load_weights=pretrained_loader(cfg, index))
+    if compiler is not None:
+        compiler.wait(index)
+    result = classifier.train_classifier(model, make_iter, validation_evaluator(cfg, data, mesh), folder, **run,
+                                         loop_cfg=loop_config(cfg))
     record = {"index": index, "architecture": architecture, "train_examples": int(len(rows)),
               "pretrained": pretrained_path(cfg, index),
               "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
@@ -127,24 +209,30 @@ def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tup
 
 
 def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, setting: str,
-                  mesh: jax.sharding.Mesh, *, teachers_wd: Workdir | None = None) -> dict[str, Any]:
+                  mesh: jax.sharding.Mesh, *, teachers_wd: Workdir | None = None,
+                  compiler: CompileAhead | None = None, compile_only: bool = False) -> dict[str, Any] | None:
     """Trains one student setting of the registry on the whole training split (skipped when done).
 
     The registry entry says which teachers, which step (KD or the RL agent), which teacher
     weights and whether M_smooth is kept. The teachers come from `teachers_wd` (default: `wd`
     itself); sweeps over student options reuse the main run's teachers this way.
+    `compile_only` (the RL setting only) compiles its step and returns None (`CompileAhead`'s job).
     """
     entry = settings_lib.get(setting)
     folder = wd.setting_dir(setting)
-    if (record := done(folder)) is not None:
-        return record
-    claim = StageClaim(folder)
-    if (record := done(folder)) is not None:  # finished by the job that held the claim
-        claim.release()
-        return record
-    log.info("setting %s: student %s, %d training examples", setting, cfg.distill.student, len(data.splits["train"]))
     spec = spec_for(cfg, data, cfg.distill.student)
-    artifacts.write_spec(folder, spec)
+    if not compile_only:
+        if (record := done(folder)) is not None:
+            return record
+        claim = StageClaim(folder)
+        if (record := done(folder)) is not None:  # finished by the job that held the claim
+            claim.release()
+            return record
+        log.info("setting %s: student %s, %d training examples", setting, cfg.distill.student,
+                 len(data.splits["train"]))
+        artifacts.write_spec(folder, spec)
+        if compiler is not None:
+            compiler.wait(setting)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
     indices = entry.teacher_indices(cfg)
@@ -170,7 +258,9 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                                     rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
                                                          learning_rate=d.rl_learning_rate,
                                                          baseline_decay=d.rl_baseline_decay),
-                                    **common)
+                                    **common, compile_only=compile_only)
+        if compile_only:
+            return None
     else:
         kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting,
                             per_example=d.per_example if entry.weight_options else False,

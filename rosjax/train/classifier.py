@@ -41,7 +41,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
                      image_shape: tuple[int, int, int], multilabel: bool, seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                      mesh: jax.sharding.Mesh | None = None,
-                     load_weights: Callable[[dict], dict] | None = None) -> ClassifierResult:
+                     load_weights: Callable[[dict], dict] | None = None,
+                     compile_only: bool = False) -> ClassifierResult | None:
     """Trains `model` with the paper's SGD recipe and exports the best model to workdir/final.
 
     Args:
@@ -60,6 +61,7 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
       load_weights: maps the freshly initialised variables to the starting ones, e.g.
         ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the
         momentum buffers start at zero either way. A resumed run restores its checkpoint instead.
+      compile_only: only compile the train step (`parallel.compile_step`) and return None.
     """
     if evaluate is not None and loop_cfg.best_metric is None:
         loop_cfg = dataclasses.replace(loop_cfg, best_metric=default_best_metric(multilabel))
@@ -71,6 +73,9 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
         state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
     step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel),
                                       mesh)
+    if compile_only:
+        parallel.compile_step(step_fn, state, next(make_train_iter()), run_key, mesh)
+        return None
     result = loop.fit(state, step_fn, make_train_iter(), run_key=run_key,
                       num_epochs=optim_cfg.epochs, steps_per_epoch=steps_per_epoch,
                       workdir=workdir, mesh=mesh, cfg=loop_cfg, evaluate=evaluate,

@@ -111,7 +111,18 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = 
     def step(state, batch, key):
         return jitted(state, frozen, batch, key)
 
+    step.lower = lambda state, batch, key: jitted.lower(state, frozen, batch, key)
     return step
+
+
+def compile_step(step_fn: Callable, state: Any, host_batch: Any, run_key: jax.Array, mesh: jax.sharding.Mesh) -> None:
+    """Compiles a `jit_train_step` program for `state` and a batch like `host_batch`, and drops it.
+
+    With JAX's persistent compilation cache on, this is compiling ahead: a training run that
+    later calls the same step on the same shapes loads the program instead of compiling it
+    (XLA compiles a program on one core, so another thread can compile the next one).
+    """
+    step_fn.lower(state, shard_batch(host_batch, mesh), replicate(run_key, mesh)).compile()
 
 
 def jit_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
