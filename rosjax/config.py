@@ -61,6 +61,10 @@ class OptimConfig:
     milestones: tuple[int, ...] = (25, 40)  # Epochs at which the learning rate is divided (paper: 25, 40).
     decay_factor: float = 0.1          # Multiplier applied at each milestone (paper: ÷10).
     nesterov: bool = False             # Nesterov momentum (paper: plain momentum).
+    # Class imbalance (paper: none): "balanced" weights one-label CE by N / (C * n_c) and gives
+    # BCE per-label positive weights n_neg / n_pos, from the labels of the rows each model trains
+    # on (teachers: their subset; students: the training split), for teachers and students alike.
+    class_weighting: str = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -126,7 +126,8 @@ def select_weights(actions):
     return a / jnp.maximum(jnp.sum(a, axis=0, keepdims=True), 1.0)
 
 
-def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, multilabel):
+def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, multilabel,
+               class_weights=None):
     """Student loss under a teacher selection, mean over the batch.
 
     Per example b with selected set S_b (n_b = |S_b|):
@@ -141,6 +142,7 @@ def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, m
       actions: [K, B] bool, True = teacher k is used for example b.
       tau, alpha: temperature and KD weight (as in `losses.kd_loss`).
       multilabel: task flag.
+      class_weights: optional [C] weights of the CE term (`losses.supervised_per_example`).
     Returns:
       (loss scalar, aux) with aux = {'ce': mean CE, 'kd': mean over examples of the selected-
       teacher KD average (0 for examples with none), 'selected_frac': fraction of (teacher,
@@ -156,7 +158,7 @@ def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, m
                          f"got {s.shape}, {t.shape} and {actions.shape}")
     kl = jax.vmap(lambda z: kd_divergence(s, z, tau=tau, multilabel=multilabel))(t)  # [K, B]
     kd = jnp.sum(select_weights(actions) * kl, axis=0)  # [B]
-    ce = supervised_per_example(s, labels, multilabel=multilabel)  # [B]
+    ce = supervised_per_example(s, labels, multilabel=multilabel, class_weights=class_weights)  # [B]
     any_selected = jnp.any(actions, axis=0)  # [B]
     per_example = jnp.where(any_selected, alpha * kd + (1.0 - alpha) * ce, ce)  # [B]
     aux = {"ce": jnp.mean(ce), "kd": jnp.mean(kd),

@@ -155,7 +155,7 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
                          multilabel: bool, equal_steps: int,
                          policy_tx: optax.GradientTransformation, baseline_decay: float,
                          embedding_teacher: int = -1,
-                         per_example_reward: bool = False) -> Callable:
+                         per_example_reward: bool = False, class_weights=None) -> Callable:
     """Builds `rl_distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
     Compile it with `parallel.jit_train_step(step, mesh, frozen=teachers)` (the RLTrainState
@@ -171,6 +171,7 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
       baseline_decay: moving-average decay of the reward baseline.
       embedding_teacher: which teacher's pooled features form the instance embedding.
       per_example_reward: reward per example instead of per batch.
+      class_weights: optional host array [C] weighting the student's CE term (not the reward).
     The step's key is `fold_in(run_key, state.step)`, split into a dropout key and an action
     key (baseline III's split, so stage 1 draws the same dropout masks as baseline III).
     Metrics: loss, kd, ce, accuracy, grad_norm, selected_frac, none_frac, rl_phase (0/1),
@@ -199,7 +200,8 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
         def loss_fn(params):
             logits, batch_stats = train_steps.forward_train(student, params, images, dropout_key)
             loss, aux = rl_policy.rl_kd_loss(logits, t_logits, labels, actions, tau=tau,
-                                             alpha=alpha, multilabel=multilabel)
+                                             alpha=alpha, multilabel=multilabel,
+                                             class_weights=class_weights)
             return loss, (logits, batch_stats, aux)
 
         (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -250,7 +252,8 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                      image_shape: tuple[int, int, int], multilabel: bool,
                      kd: KDSpec = KDSpec(weighting="equal"), rl: RLSpec = RLSpec(), seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                     mesh: jax.sharding.Mesh | None = None, compile_only: bool = False) -> RLStudentResult | None:
+                     mesh: jax.sharding.Mesh | None = None, compile_only: bool = False,
+                     class_weights=None) -> RLStudentResult | None:
     """Trains baseline IV's student and exports it (and the agent) to `<workdir>/final`.
 
     Args:
@@ -267,6 +270,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       kd: temperature and KD weight; the weighting must be "equal" (stage 1 is baseline III).
       rl: the agent and the length of stage 1.
       compile_only: only compile the step (`parallel.compile_step`, for compiling ahead) and return None.
+      class_weights: optional host array [C] weighting the student's CE term (None: unweighted).
     """
     if not teachers:
         raise ValueError("baseline IV needs at least one teacher")
@@ -294,7 +298,8 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                                 equal_steps=rl.equal_epochs * steps_per_epoch, policy_tx=policy_tx,
                                 baseline_decay=rl.baseline_decay,
                                 embedding_teacher=embedding_teacher,
-                                per_example_reward=rl.per_example_reward)
+                                per_example_reward=rl.per_example_reward,
+                                class_weights=class_weights)
     step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     if compile_only:
         parallel.compile_step(step_fn, state, next(make_train_iter()), run_key, mesh)

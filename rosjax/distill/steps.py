@@ -41,7 +41,7 @@ def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], image
 
 def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
                       weighting_kind: str = "exponential", per_example: bool = False,
-                      normalize: str = "sum1") -> Callable:
+                      normalize: str = "sum1", class_weights=None) -> Callable:
     """Builds `distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
     Args:
@@ -51,6 +51,8 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
       weighting_kind: a key of `rosjax.distill.weighting.TEACHER_WEIGHTINGS`.
       per_example, normalize: options of the teacher-weight draw (`rosjax.distill.weighting`;
         normalize='none' is the paper's unnormalised Exp(1), 'sum1' the default Dirichlet).
+      class_weights: optional host array [C] weighting the CE term (`losses.class_weights`);
+        None, the default, is the paper's unweighted CE.
     The step's key is `fold_in(run_key, state.step)`, split into a dropout key and a
     teacher-weight key, so a resumed run draws the same weights at the same step.
     """
@@ -72,7 +74,7 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
         def loss_fn(params):
             logits, batch_stats = train_steps.forward_train(state, params, batch["image"], dropout_key)
             loss, aux = losses.kd_loss(logits, t_logits, batch["label"], w, tau=tau, alpha=alpha,
-                                       multilabel=multilabel)
+                                       multilabel=multilabel, class_weights=class_weights)
             return loss, (logits, batch_stats, aux)
 
         (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -80,6 +82,9 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
                    "accuracy": train_steps.accuracy(logits, batch["label"], multilabel=multilabel),
                    "weight_sum": jnp.sum(w) / (1 if w.ndim == 1 else batch_size),
                    "grad_norm": optax.tree.norm(grads)}
+        mean_w = w if w.ndim == 1 else jnp.mean(w, axis=1)  # [K]: each teacher's mean weight
+        for k in range(num_teachers):
+            metrics[f"weight_mean/t{k}"] = mean_w[k]
         return train_steps.apply_gradients(state, grads, batch_stats), metrics
 
     return distill_step

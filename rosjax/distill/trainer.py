@@ -71,7 +71,7 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                   smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
                   cached_teacher_outputs: bool = False, seed: int = 0,
                   loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                  mesh: jax.sharding.Mesh | None = None) -> StudentResult:
+                  mesh: jax.sharding.Mesh | None = None, class_weights=None) -> StudentResult:
     """Trains a student and exports it (and M_smooth) to `<workdir>/final`.
 
     Args:
@@ -88,6 +88,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         BatchNorm recalibration of M_smooth; needed when smooth.bn_mode == "recalibrate".
       cached_teacher_outputs: the train batches carry the teachers' stored logits
         (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
+      class_weights: optional host array [C] weighting the CE term (`rosjax.losses.class_weights`);
+        None: the paper's unweighted CE.
     """
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
                     seed=seed, mesh=mesh)
@@ -96,14 +98,16 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     if teachers:
         apply_fns = tuple(apply for apply, _ in teachers)
         step = make_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
-                                 weighting_kind=kd.weighting, per_example=kd.per_example, normalize=kd.normalize)
+                                 weighting_kind=kd.weighting, per_example=kd.per_example, normalize=kd.normalize,
+                                 class_weights=class_weights)
         if cached_teacher_outputs:  # batches carry teacher_logits [B, K, C]; no teacher runs
             step_fn = parallel.jit_train_step(cache.cached_distill_step(step), mesh)
         else:
             frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
             step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     else:
-        step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel), mesh)
+        step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
+                                                            class_weights=class_weights), mesh)
 
     extras, on_epoch_end = {}, None
     if smooth is not None:

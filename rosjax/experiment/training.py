@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from rosjax import losses
 from rosjax.config import ExperimentConfig
 from rosjax.distill import cache as cache_lib
 from rosjax.distill import rl_trainer, trainer
@@ -37,6 +38,12 @@ class MissingStageError(UserError):
 
 def loop_config(cfg: ExperimentConfig) -> loop.LoopConfig:
     return loop.LoopConfig(log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
+
+
+def class_weights(cfg: ExperimentConfig, data: data_lib.ExperimentData, rows):
+    """--optim.class_weighting's weights [C] from the training labels of `rows` (None: 'none')."""
+    return losses.class_weights(data.train_labels[rows], data.num_classes, multilabel=data.multilabel,
+                                kind=cfg.optim.class_weighting)
 
 
 def image_shape(cfg: ExperimentConfig, data: data_lib.ExperimentData) -> tuple[int, int, int]:
@@ -153,7 +160,7 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     model = artifacts.build_model(spec)
     run = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                image_shape=image_shape(cfg, data), multilabel=data.multilabel, seed=seed, mesh=mesh,
-               load_weights=pretrained_loader(cfg, index))
+               load_weights=pretrained_loader(cfg, index), class_weights=class_weights(cfg, data, rows))
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=seed)  # noqa: E731
     if compile_only:
         return classifier.train_classifier(model, make_iter, None, folder, **run, compile_only=True)
@@ -250,7 +257,8 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         make_train_iter = make_iter
     common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
-                  seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh)
+                  seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh,
+                  class_weights=class_weights(cfg, data, rows))
     d = cfg.distill
     if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,

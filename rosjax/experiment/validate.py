@@ -20,6 +20,7 @@ import math
 import pathlib
 from collections.abc import Callable, Sequence
 
+from rosjax import losses
 from rosjax.config import ExperimentConfig
 from rosjax.data import noise as noise_lib
 from rosjax.distill import weighting
@@ -206,6 +207,7 @@ def _check_optim(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
         p.require(all(1 <= m <= o.epochs for m in o.milestones) and list(o.milestones) == sorted(set(o.milestones)),
                   "optim.milestones", o.milestones, f"increasing epochs in 1..{o.epochs} (--optim.epochs)")
     p.require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
+    p.one_of("optim.class_weighting", o.class_weighting, losses.CLASS_WEIGHTINGS)
 
 
 def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:

@@ -42,7 +42,7 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                      mesh: jax.sharding.Mesh | None = None,
                      load_weights: Callable[[dict], dict] | None = None,
-                     compile_only: bool = False) -> ClassifierResult | None:
+                     compile_only: bool = False, class_weights=None) -> ClassifierResult | None:
     """Trains `model` with the paper's SGD recipe and exports the best model to workdir/final.
 
     Args:
@@ -62,6 +62,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
         ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the
         momentum buffers start at zero either way. A resumed run restores its checkpoint instead.
       compile_only: only compile the train step (`parallel.compile_step`) and return None.
+      class_weights: optional host array [C] weighting the loss (`rosjax.losses.class_weights`,
+        --optim.class_weighting=balanced); None: the paper's unweighted loss.
     """
     if evaluate is not None and loop_cfg.best_metric is None:
         loop_cfg = dataclasses.replace(loop_cfg, best_metric=default_best_metric(multilabel))
@@ -71,8 +73,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
     if load_weights is not None:
         loaded = jax.device_put(load_weights(jax.device_get(state.variables)), parallel.replicated(mesh))
         state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
-    step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel),
-                                      mesh)
+    step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
+                                                        class_weights=class_weights), mesh)
     if compile_only:
         parallel.compile_step(step_fn, state, next(make_train_iter()), run_key, mesh)
         return None

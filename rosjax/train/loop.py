@@ -4,7 +4,9 @@
 train iterator (grain `DatasetIterator`: `next`, `get_state`, `set_state`; infinite, e.g.
 `...repeat().batch(...)`), `steps_per_epoch` steps per epoch, and at every epoch end:
 `on_epoch_end` (may update `extras`), `evaluate`, one JSON line in `<workdir>/metrics.jsonl`,
-the best checkpoint by a validation metric and a resume checkpoint. Restarting with the same
+the best checkpoint by a validation metric and a resume checkpoint; the same scalars (and the
+loss of every step read) also go to a TensorBoard event file in `<workdir>` (see
+`rosjax.train.events`; `LoopConfig.tensorboard=False` turns it off). Restarting with the same
 work directory resumes from the latest intact checkpoint at the exact batch (a damaged one is
 skipped with a warning, see `rosjax.checkpoint`), and the resumed run's parameters and
 metrics.jsonl (but for the timing fields) are those of a run that never stopped: checkpoints
@@ -35,7 +37,7 @@ import numpy as np
 import tqdm
 
 from rosjax import atomic, checkpoint
-from rosjax.train import parallel
+from rosjax.train import events, parallel
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class LoopConfig:
     prefetch_batches: int = 2          # Batches placed on the devices ahead of the running step.
     progress: bool | None = None       # tqdm bar per epoch; None: only if stdout is a terminal.
     async_checkpointing: bool = True   # Write checkpoints in a background thread.
+    tensorboard: bool = True           # Also write TensorBoard event files (rosjax.train.events).
 
     def __post_init__(self):
         for name, low in (("log_every_steps", 1), ("checkpoint_every_steps", 0),
@@ -108,6 +111,7 @@ class _StepMetrics:
         self._last_time = time.perf_counter()
         self._last_step = first_step
         self.latest: dict[str, float] = {}
+        self.read_losses: list[tuple[int, float]] = []  # (step + 1, loss) of the last flush
         self.images_per_s = float("nan")
 
     def add(self, step: int, metrics: dict) -> None:
@@ -132,6 +136,8 @@ class _StepMetrics:
                 self._sums[name] += float(value)
         self._count += len(values)
         self.latest = {k: float(v) for k, v in values[-1].items()}
+        self.read_losses = [(step + 1, float(m["loss"])) for (step, _), m in
+                            zip(self._pending, values) if "loss" in m]
         now, last_step = time.perf_counter(), self._pending[-1][0] + 1
         self.images_per_s = (last_step - self._last_step) * self._batch_size / max(
             now - self._last_time, 1e-9)
@@ -220,6 +226,7 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
     extras = dict(extras or {})
     ckpts = checkpoint.RunCheckpoints(workdir, keep=cfg.keep_checkpoints, best_mode=cfg.best_mode,
                                       async_save=cfg.async_checkpointing)
+    writer = None
     try:
         restored = ckpts.restore_latest(abstract_state=checkpoint.abstract_like(state),
                                         abstract_extras=checkpoint.abstract_like(extras))
@@ -239,20 +246,27 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
         metrics_path = workdir / METRICS_FILE
         if main_process:
             _rewrite_metrics_log(metrics_path, step // steps_per_epoch)
+            writer = events.open_writer(workdir, cfg.tensorboard)
         return _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                     mesh, cfg, evaluate, on_epoch_end, extras, schedule, ckpts,
                     metrics_path if main_process else None,
-                    epoch_totals if step % steps_per_epoch else None)
+                    epoch_totals if step % steps_per_epoch else None, writer)
     finally:
-        ckpts.close()
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            ckpts.close()
 
 
 def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch, mesh, cfg,
-         evaluate, on_epoch_end, extras, schedule, ckpts, metrics_path, epoch_totals=None):
+         evaluate, on_epoch_end, extras, schedule, ckpts, metrics_path, epoch_totals=None,
+         writer=None):
     """The epoch loop of `fit`, from host step `step` on.
 
     epoch_totals: (train metric sums, count) of the steps of the current epoch before `step`
     (a run resumed mid-epoch), so that the epoch's train means cover the whole epoch.
+    writer: the `events.EventWriter` of the main process (None: no event file).
     """
     total_steps = num_epochs * steps_per_epoch
     key = parallel.replicate(run_key, mesh)
@@ -286,6 +300,8 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                               and step < epoch_end)
             if step % cfg.log_every_steps == 0 or mid_checkpoint or step == epoch_end:
                 read = tracker.flush()
+                if writer is not None:
+                    writer.step_losses(tracker.read_losses)
                 bar.set_postfix(step=step, loss=tracker.latest.get("loss", float("nan")),
                                 img_s=f"{tracker.images_per_s:.1f}", refresh=False)
                 bar.update(read)
@@ -321,6 +337,8 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
         if metrics_path is not None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record, default=_to_json) + "\n")
+            if writer is not None:
+                writer.epoch(record)
             summary = " ".join(f"{k} {_rounded(v)}" for k, v in record["train"].items())
             if cfg.best_metric is not None:
                 summary += (f" | val {cfg.best_metric} {_rounded(val.get(cfg.best_metric))} "

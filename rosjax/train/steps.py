@@ -59,17 +59,20 @@ def accuracy(logits: jax.Array, labels: jax.Array, *, multilabel: bool) -> jax.A
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
-               multilabel: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+               multilabel: bool, class_weights=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One supervised SGD step on a batch {'image': [B,H,W,C], 'label': [B] or [B,C]}.
 
     `key` is the run key; the step folds in `state.step`. Returns the new state and scalar
     metrics: loss (CE or summed BCE, mean over the batch), accuracy, grad_norm.
+    `class_weights`: optional host array [C] (`losses.class_weights`), a constant of the
+    program; None (the default) is the unweighted loss.
     """
     rng = step_rng(key, state.step)
 
     def loss_fn(params):
         logits, batch_stats = forward_train(state, params, batch["image"], rng)
-        loss = losses.supervised_loss(logits, batch["label"], multilabel=multilabel)
+        loss = losses.supervised_loss(logits, batch["label"], multilabel=multilabel,
+                                      class_weights=class_weights)
         return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

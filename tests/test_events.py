@@ -1,0 +1,116 @@
+"""TensorBoard event files of `loop.fit` (rosjax.train.events): read back with TensorBoard's own
+reader they hold the metrics.jsonl scalars; a resumed run adds a new file and leaves the old one."""
+import json
+
+import _train_worker as tw
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rosjax.config import OptimConfig
+from rosjax.distill.steps import make_distill_step
+from rosjax.models import create
+from rosjax.train import events, optim, parallel
+from rosjax.train.state import create_train_state
+
+
+def _fit(workdir, epochs, **cfg):
+    return tw.run_counting_fit(workdir, parallel.make_mesh(), epochs=epochs,
+                               evaluate=tw.evaluate_state, cfg=tw.eval_loop_config(**cfg))
+
+
+def _event_files(workdir):
+    return sorted(workdir.glob("events.out.tfevents.*"))
+
+
+def _scalars(path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every value
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _expected(records) -> dict[str, dict[int, float]]:
+    want = {}
+    for r in records:
+        flat = {**events.flat_scalars(r["train"], "train"), **events.flat_scalars(r["val"], "val"),
+                **events.flat_scalars({k: r[k] for k in ("lr", "images_per_s", "epoch_seconds",
+                                                         "best_value") if k in r})}
+        for tag, value in flat.items():
+            want.setdefault(tag, {})[r["step"]] = value
+    return want
+
+
+def _assert_scalars_match(got, records):
+    want = _expected(records)
+    assert {"train/loss", "train/accuracy", "train/grad_norm", "val/score", "val/mean",
+            "val/epochs", "lr", "images_per_s"} <= want.keys()
+    for tag, by_step in want.items():
+        assert got[tag].keys() == by_step.keys(), tag
+        for step, value in by_step.items():  # event files store float32
+            assert got[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, step)
+
+
+def test_event_file_scalars_equal_metrics_jsonl(tmp_path):
+    _fit(tmp_path, 2)
+    (path,) = _event_files(tmp_path)  # in the run's own folder, beside metrics.jsonl
+    got = _scalars(path)
+    records = _records(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2]
+    _assert_scalars_match(got, records)
+    # The loss of every step (read every log_every_steps=2 steps), at update count 1..12.
+    assert sorted(got["step/loss"]) == list(range(1, 2 * tw.STEPS_PER_EPOCH + 1))
+    assert all(np.isfinite(v) for v in got["step/loss"].values())
+
+
+def test_resume_opens_a_new_event_file_and_keeps_the_old_one(tmp_path):
+    _fit(tmp_path, 1)
+    (first,) = _event_files(tmp_path)
+    before = first.read_bytes()
+    _fit(tmp_path, 2)  # resumes at the end of epoch 1
+    files = _event_files(tmp_path)
+    assert len(files) == 2 and first in files
+    assert first.read_bytes() == before  # never reopened
+    (second,) = [f for f in files if f != first]
+    records = _records(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2]
+    old, new = _scalars(first), _scalars(second)
+    assert sorted(old["train/loss"]) == [tw.STEPS_PER_EPOCH]
+    assert sorted(new["train/loss"]) == [2 * tw.STEPS_PER_EPOCH]
+    merged = {tag: {**old.get(tag, {}), **new.get(tag, {})} for tag in old.keys() | new.keys()}
+    _assert_scalars_match(merged, records)
+
+
+def test_tensorboard_off_writes_no_event_file(tmp_path):
+    _fit(tmp_path, 1, tensorboard=False)
+    assert _event_files(tmp_path) == [] and len(_records(tmp_path)) == 1
+
+
+def test_flat_scalars_keeps_finite_numbers_only():
+    values = {"a": 1, "b": np.float32(2.5), "c": {"d": 3.0, "e": [1, 2]}, "f": None,
+              "g": float("nan"), "h": "text", "i": True, "j": np.asarray(4.0)}
+    assert events.flat_scalars(values, "val") == {"val/a": 1.0, "val/b": 2.5, "val/c/d": 3.0,
+                                                  "val/j": 4.0}
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_distill_step_reports_each_teachers_mean_weight(per_example):
+    k, b, c = 3, 8, 4
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.random((b, 8, 8, 3), dtype=np.float32)),
+             "label": jnp.asarray(rng.integers(0, c, b).astype(np.int32)),
+             "teacher_logits": jnp.asarray(rng.normal(size=(k, b, c)).astype(np.float32))}
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
+    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    step = jax.jit(make_distill_step((None,) * k, tau=2.0, alpha=0.5, multilabel=False,
+                                     per_example=per_example, normalize="none"))
+    _, m = step(state, (), batch, jax.random.key(1))
+    means = np.array([float(m[f"weight_mean/t{i}"]) for i in range(k)])
+    assert np.all(means > 0)
+    np.testing.assert_allclose(means.sum(), float(m["weight_sum"]), rtol=1e-5)
