@@ -115,6 +115,11 @@ class SweepConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    wandb: str = ""                    # Weights & Biases project to log every run to ("": none; nothing leaves the machine).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str                          # Experiment name, used in reports.
     seed: int = 0                      # Run seed: parameter init, augmentation and teacher-weight draws.
@@ -125,6 +130,7 @@ class ExperimentConfig:
     distill: DistillConfig = DistillConfig()
     evaluation: EvalConfig = EvalConfig()
     sweeps: SweepConfig = SweepConfig()
+    logging: LoggingConfig = LoggingConfig()
     settings: tuple[str, ...] = ()     # Student settings to train (rosjax.experiment.settings); empty: every one.
     checkpoint_every_steps: int = 500  # Mid-epoch checkpoint interval (a checkpoint is also written each epoch).
     log_every_steps: int = 50          # Host fetches step metrics this often (no per-step synchronisation).

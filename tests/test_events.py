@@ -114,3 +114,45 @@ def test_distill_step_reports_each_teachers_mean_weight(per_example):
     means = np.array([float(m[f"weight_mean/t{i}"]) for i in range(k)])
     assert np.all(means > 0)
     np.testing.assert_allclose(means.sum(), float(m["weight_sum"]), rtol=1e-5)
+
+
+class _FakeWandb:
+    """Stands in for the `wandb` package: records what a run would send (nothing leaves the machine)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], {}, 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, values, step):
+        for tag, value in values.items():
+            self.logged.setdefault(tag, {})[step] = value
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_gets_the_event_files_scalars(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    _fit(tmp_path, epochs=2, wandb_project="rosjax-test")
+    assert [i["project"] for i in fake.inits] == ["rosjax-test"] and fake.finished == 1
+    (event_file,) = _event_files(tmp_path)
+    on_disk = _scalars(event_file)
+    assert set(fake.logged) == set(on_disk)
+    for tag, by_step in on_disk.items():
+        assert fake.logged[tag].keys() == by_step.keys(), tag
+        np.testing.assert_allclose([fake.logged[tag][s] for s in by_step], list(by_step.values()), rtol=1e-6)
+
+
+def test_wandb_without_the_package_is_refused_at_start_up(monkeypatch):
+    from experiments import lesion  # noqa: PLC0415
+    from rosjax import config as C  # noqa: PLC0415
+    from rosjax.experiment import validate  # noqa: PLC0415
+
+    monkeypatch.setattr(validate.importlib.util, "find_spec", lambda name: None)
+    cfg = C.apply_overrides(lesion.get_config(smoke=True), {"logging.wandb": "my-project"})
+    with pytest.raises(validate.ConfigError, match=r"--logging.wandb=my-project: the wandb package is not installed"):
+        validate.check_options(cfg, stages=["data"], settings=["ros_kd"], devices=1)

@@ -37,7 +37,8 @@ class MissingStageError(UserError):
 
 
 def loop_config(cfg: ExperimentConfig) -> loop.LoopConfig:
-    return loop.LoopConfig(log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
+    return loop.LoopConfig(log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
+                           wandb_project=cfg.logging.wandb)
 
 
 def class_weights(cfg: ExperimentConfig, data: data_lib.ExperimentData, rows):

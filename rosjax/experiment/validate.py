@@ -16,6 +16,7 @@ the user types it (`--distill.tau=0: must be > 0`).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -92,6 +93,8 @@ def _check_top(p: _Problems, cfg: ExperimentConfig, settings) -> None:
     p.require(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", cfg.checkpoint_every_steps,
               "must be >= 0 (0: checkpoints at epoch ends only)")
     p.require(cfg.log_every_steps >= 1, "log_every_steps", cfg.log_every_steps, "must be >= 1")
+    p.require(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+              cfg.logging.wandb, "the wandb package is not installed (pip install wandb)")
 
 
 def _dataset_facts(cfg: ExperimentConfig) -> dict | None:

@@ -116,7 +116,7 @@ class WorkdirConflictError(UserError, ValueError):
 # change them; every other field must match the recorded configuration.
 NOT_RESULT_FIELDS = frozenset({
     "data.data_dir", "data.manual_dir", "data.download", "data.num_workers", "data.eval_batch_size",
-    "distill.cache_batch_size", "checkpoint_every_steps", "log_every_steps", "settings"})
+    "distill.cache_batch_size", "checkpoint_every_steps", "log_every_steps", "settings", "logging.wandb"})
 
 
 def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = True) -> None:

@@ -49,24 +49,53 @@ def flat_scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
-class EventWriter:
-    """Scalars of one run into a new event file in `logdir` (tensorboardX's SummaryWriter)."""
+class _WandbRun:
+    """The same scalars to a Weights & Biases run (only when the user names a project).
 
-    def __init__(self, logdir: str | os.PathLike):
+    One W&B run per training folder: its id is derived from the folder, so a resumed run
+    continues it (`resume="allow"`; W&B ignores steps it already holds).
+    """
+
+    def __init__(self, project: str, logdir: pathlib.Path):
+        import wandb  # noqa: PLC0415 (optional; validate.check_options makes sure it is installed)
+
+        run_id = uuid.uuid5(uuid.NAMESPACE_URL, str(logdir.resolve())).hex[:16]
+        self._run = wandb.init(project=project, name=f"{logdir.parent.name}/{logdir.name}", id=run_id,
+                               dir=str(logdir), resume="allow")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if values:
+            self._run.log(values, step=int(step))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class EventWriter:
+    """Scalars of one run into a new event file in `logdir` (tensorboardX's SummaryWriter), and
+    to a Weights & Biases project when `wandb_project` is given."""
+
+    def __init__(self, logdir: str | os.PathLike, wandb_project: str = ""):
         from tensorboardX import SummaryWriter  # imported here: only the main process writes
         pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
         suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"  # tensorboardX names by time+host only
         self._writer = SummaryWriter(logdir=str(logdir), filename_suffix=suffix, flush_secs=30)
+        self._wandb = _WandbRun(wandb_project, pathlib.Path(logdir)) if wandb_project else None
 
     def scalars(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
-        for tag, value in flat_scalars(values, prefix).items():
+        flat = flat_scalars(values, prefix)
+        for tag, value in flat.items():
             self._writer.add_scalar(tag, value, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, flat)
 
     def step_losses(self, losses: list[tuple[int, float]]) -> None:
         """`(update count, loss)` pairs of the steps just read."""
         for step, loss in losses:
             if math.isfinite(loss):
                 self._writer.add_scalar("step/loss", loss, global_step=int(step))
+                if self._wandb is not None:
+                    self._wandb.log(step, {"step/loss": loss})
 
     def epoch(self, record: Mapping[str, Any]) -> None:
         """One metrics.jsonl record: train/*, val/* and the top-level numbers."""
@@ -79,14 +108,16 @@ class EventWriter:
 
     def close(self) -> None:
         self._writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
-def open_writer(logdir: str | os.PathLike, enabled: bool = True) -> EventWriter | None:
+def open_writer(logdir: str | os.PathLike, enabled: bool = True, wandb_project: str = "") -> EventWriter | None:
     """An EventWriter, or None when disabled or tensorboardX cannot be imported (a warning)."""
     if not enabled:
         return None
     try:
-        return EventWriter(logdir)
+        return EventWriter(logdir, wandb_project)
     except ImportError as e:
         log.warning("no TensorBoard event files (%s); metrics.jsonl is still written", e)
         return None

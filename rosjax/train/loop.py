@@ -55,6 +55,7 @@ class LoopConfig:
     progress: bool | None = None       # tqdm bar per epoch; None: only if stdout is a terminal.
     async_checkpointing: bool = True   # Write checkpoints in a background thread.
     tensorboard: bool = True           # Also write TensorBoard event files (rosjax.train.events).
+    wandb_project: str = ""            # Also log to this Weights & Biases project ("": nothing leaves the machine).
 
     def __post_init__(self):
         for name, low in (("log_every_steps", 1), ("checkpoint_every_steps", 0),
@@ -246,7 +247,7 @@ def fit(state: Any, step_fn: Callable, train_iter: Iterator, *, run_key: jax.Arr
         metrics_path = workdir / METRICS_FILE
         if main_process:
             _rewrite_metrics_log(metrics_path, step // steps_per_epoch)
-            writer = events.open_writer(workdir, cfg.tensorboard)
+            writer = events.open_writer(workdir, cfg.tensorboard, cfg.wandb_project)
         return _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                     mesh, cfg, evaluate, on_epoch_end, extras, schedule, ckpts,
                     metrics_path if main_process else None,
