@@ -84,6 +84,22 @@ def test_a_written_split_fed_back_reproduces_the_run(written):
     assert any(not np.array_equal(seeded.splits[n], data.splits[n]) for n in ("train", "test"))
 
 
+def test_a_split_json_written_by_a_run_gives_the_same_report(table, tmp_path):
+    """Run → WORKDIR/data/split.json → a run on another split seed with --data.split_file: same report."""
+    from rosjax.experiment import runner  # noqa: PLC0415
+
+    root, _ = table
+    quick = {"distill.student": "tiny_cnn", "optim.epochs": "2", "optim.milestones": "1",
+             "distill.warmup_epochs": "0", "distill.rl_equal_epochs": "0", "settings": "baseline_i"}
+    stages = ["data", "settings", "evaluate", "report"]
+    first = runner.run(config(root, **quick), tmp_path / "first", stages=stages, settings=["baseline_i"])
+    split = tmp_path / "first" / "data" / "split.json"
+    second = runner.run(config(root, **quick, **{"data.split_file": str(split), "data.split_seed": "7"}),
+                        tmp_path / "second", stages=stages, settings=["baseline_i"])
+    assert second["data"]["split_sizes"] == first["data"]["split_sizes"]
+    assert second["settings"]["baseline_i"]["test"] == first["settings"]["baseline_i"]["test"]
+
+
 def test_a_folder_of_id_lists_works_too(written, tmp_path):
     root, _, data, content, _ = written
     for name, ids in content["splits"].items():
