@@ -6,6 +6,7 @@ the csv module. Expected labels and groups are the values written into that CSV.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import tarfile
 import zipfile
@@ -265,3 +266,30 @@ def test_tiny_one_label_run_end_to_end(tmp_path):
         test = report["settings"][name]["test"]
         assert 0.0 <= test["f1_macro"] <= 1.0 and test["num_examples"] == report["data"]["split_sizes"]["test"]
     assert (tmp_path / "work" / "report.md").exists()
+
+
+def test_the_smoke_command_runs_every_stage_on_a_generated_csv_dataset(tmp_path):
+    """`python -m experiments.lesion --smoke` on the user's own files: every stage, sweeps included
+    (tiny_cnn models, so it takes a minute), then the report."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from tests.test_experiment import REPO, tiny_argv  # noqa: PLC0415
+
+    rows = one_label_rows(150, seed=5)
+    write_images(tmp_path / "own", [r[0] for r in rows])
+    write_csv(tmp_path / "own" / "labels.csv", ["file", "diagnosis", "patient"], rows)
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "experiments.lesion", "--smoke", "--workdir", str(workdir),
+               "--data.dataset=csv_images", f"--data.manual_dir={tmp_path / 'own'}", "--data.csv=labels.csv",
+               "--data.image_column=file", "--data.label_columns=diagnosis", "--data.group_column=patient",
+               f"--data.data_dir={tmp_path / 'tfds'}", *tiny_argv()]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["data"]["dataset"] == "csv_images" and report["data"]["examples"] == 150
+    assert report["data"]["class_names"] == sorted({r[1] for r in rows})
+    assert set(report["sweeps"]) == {"overlap", "student", "weights"}
+    assert report["settings"]["ros_kd"]["test"]["num_examples"] == report["data"]["split_sizes"]["test"]
