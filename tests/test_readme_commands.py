@@ -1,4 +1,5 @@
-"""The README's smoke commands, run exactly as printed, on a fresh home folder.
+"""The README's smoke commands, run exactly as printed, on a fresh home folder (the lesion one here,
+the nih_cxr one in tests/test_readme_nih_command.py, so the two run on separate test workers).
 
 The commands are read from README.md (the Quickstart block and the nih_cxr smoke line under
 "Running the experiments"), so the test and the documentation cannot drift apart. Each runs
@@ -93,10 +94,3 @@ def run_readme_smoke(module: str, tmp_path: pathlib.Path) -> tuple[dict, str]:
 def test_readme_lesion_smoke_command(tmp_path):
     report, _ = run_readme_smoke("experiments.lesion", tmp_path)
     assert not report["data"]["multilabel"]
-
-
-@pytest.mark.slow
-def test_readme_nih_smoke_command(tmp_path):
-    report, markdown = run_readme_smoke("experiments.nih_cxr", tmp_path)
-    assert report["data"]["multilabel"] and report["folds"]["runs"] == 2
-    assert "Table III" in markdown
