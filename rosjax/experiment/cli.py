@@ -169,10 +169,12 @@ def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str]
     2: a user error, printed as `error: ...` lines (with the traceback under `--debug`);
     130: interrupted (rerun the same command to resume).
     """
-    cfg, workdir, stages, settings, teacher, flags = parse_args(sys.argv[1:] if argv is None else argv, get_config)
-    if not flags["verbose"]:
-        # XLA's C++ log (e.g. its "Very slow compile?" alarm on a CPU), read when jaxlib starts.
+    argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" not in argv:
+        # XLA's C++ log (e.g. its "Very slow compile?" alarm on a CPU) reads this when jaxlib is
+        # loaded, which parse_args already does (the smoke config imports rosjax.data).
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cfg, workdir, stages, settings, teacher, flags = parse_args(argv, get_config)
     configure_logging(flags["verbose"])
     try:
         from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)
