@@ -104,6 +104,8 @@ class EvalConfig:
     landscape_grid: int = 51           # Points per axis of the loss-landscape grid on [-1, 1]².
     landscape_examples: int = 256      # Fixed test images the landscape loss is computed on.
     landscape_seed: int = 0            # Seed of the two random directions (shared by the compared models).
+    bootstrap_resamples: int = 2000    # Report: resamples of the test set behind each RoS-KD − baseline interval.
+    bootstrap_seed: int = 0            # Report: seed of those resamples (the same draws for every model and seed).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,7 +124,11 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str                          # Experiment name, used in reports.
-    seed: int = 0                      # Run seed: parameter init, augmentation and teacher-weight draws.
+    seed: int = 0                      # Run seed: parameter init, augmentation, injected noise, teacher-weight draws.
+    # Training seeds of a multi-seed run (rosjax.experiment.seeds): every setting, teachers
+    # included, trains once per seed; `seed`'s run is WORKDIR itself, each other one
+    # WORKDIR/seeds/<s>/. Empty: `seed` alone. May grow between reruns (only new seeds train).
+    seeds: tuple[int, ...] = ()
     dtype: str = "float32"             # Compute dtype: "float32" or "bfloat16" (params stay float32).
     data: DataConfig
     teachers: TeachersConfig = TeachersConfig()

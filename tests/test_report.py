@@ -63,3 +63,47 @@ def test_missing_values_render_as_dashes_not_nan():
     rows = {r[0]: r for r in _rows(report_lib.render_markdown(report), "## Table I")}
     assert rows["RoS-KD (M_smooth)"][6] == "—"
     assert "nan" not in report_lib.render_markdown(report).lower()
+
+
+def _interval(estimate, low, high):
+    return {"estimate": estimate, "low": low, "high": high, "confidence": 0.95, "resamples": 2000,
+            "excludes_zero": low > 0 or high < 0}
+
+
+def test_several_seeds_show_mean_std_and_the_bootstrap_intervals():
+    """report.json of a --seeds=0,1,2 run: Table I cells are `mean ± std`, the intervals a table of their own."""
+    settings = {
+        "baseline_iii": {"title": "Baseline III (equal-weight teachers)", "test": _metrics(0.69, 0.70, 0.694),
+                         "test_std": {**{k: 0.01 for k in _metrics(0, 0, 0)}, "f1_macro": 0.0123},
+                         "seeds": [0, 1, 2]},
+        "ros_kd": {"title": "RoS-KD (M_smooth)", "test": _metrics(0.71, 0.72, 0.716),
+                   "test_std": {k: 0.02 for k in _metrics(0, 0, 0)}, "seeds": [0, 2], "status": "2 of 3 seeds"},
+        "baseline_i": {"title": "Baseline I (CE only)", "status": "not run"}}
+    comparisons = {"method": "ros_kd", "n_resamples": 2000, "bootstrap_seed": 0, "confidence": 0.95,
+                   "baselines": {"baseline_iii": {"seeds": [0, 2], "f1_macro": _interval(0.022, 0.004, 0.041),
+                                                  "auroc_macro": _interval(-0.003, -0.02, 0.011)}}}
+    report = {"settings": settings, "table_i_order": ["baseline_i", "baseline_iii", "ros_kd"], "seeds": [0, 1, 2],
+              "main_seed": 0, "comparisons": comparisons}
+    markdown = report_lib.render_markdown(report)
+    rows = {r[0]: r for r in _rows(markdown, "## Table I: test")}
+    assert rows["Baseline III (equal-weight teachers)"][3] == "0.694 ± 0.012"
+    assert rows["Baseline III (equal-weight teachers)"][8] == "3"
+    assert rows["RoS-KD (M_smooth)"][1] == "0.710 ± 0.020" and rows["RoS-KD (M_smooth)"][8] == "2 of 3"
+    assert rows["Baseline I (CE only)"][1] == "not run" and len(rows["Baseline I (CE only)"]) == 9
+    assert "ddof = 1" in markdown and "own teachers" in markdown
+    (compared,) = _rows(markdown, "## Table I: RoS-KD (M_smooth) against each baseline")
+    assert compared == ["Baseline III (equal-weight teachers)", "0, 2", "+0.022", "[+0.004, +0.041] *",
+                        "-0.003", "[-0.020, +0.011]"]
+
+
+def test_one_seed_keeps_the_plain_table_and_adds_the_intervals():
+    report = {"settings": {"ros_kd": {"title": "RoS-KD (M_smooth)", "test": _metrics(0.71, 0.72, 0.716)}},
+              "comparisons": {"method": "ros_kd", "n_resamples": 500, "bootstrap_seed": 3, "confidence": 0.95,
+                              "baselines": {"baseline_i": {"seeds": [0], "f1_macro": _interval(0.1, -0.05, 0.2),
+                                                           "auroc_macro": _interval(0.1, 0.05, 0.2)}}}}
+    markdown = report_lib.render_markdown(report)
+    (row,) = _rows(markdown, "## Table I: test")
+    assert row == ["RoS-KD (M_smooth)", "0.710", "0.720", "0.716", "0.500", "0.720", "0.750", "0.100"]
+    assert "±" not in markdown
+    (compared,) = _rows(markdown, "## Table I: RoS-KD (M_smooth) against each baseline")
+    assert compared[3] == "[-0.050, +0.200]" and compared[5] == "[+0.050, +0.200] *"

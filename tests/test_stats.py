@@ -97,5 +97,6 @@ def test_percentile_interval_marks_an_interval_excluding_zero():
     assert stats.percentile_interval(np.linspace(0.01, 0.05, 101), 0.03)["excludes_zero"]
     crossing = stats.percentile_interval(np.linspace(-0.01, 0.05, 101), 0.02)
     assert not crossing["excludes_zero"]
-    assert crossing["low"] == pytest.approx(-0.01 + 0.06 * 0.025) and crossing["high"] == pytest.approx(0.05 - 0.06 * 0.025)
+    assert crossing["low"] == pytest.approx(-0.01 + 0.06 * 0.025)
+    assert crossing["high"] == pytest.approx(0.05 - 0.06 * 0.025)
     assert stats.percentile_interval([np.nan, np.nan], 0.0)["low"] is None

@@ -247,3 +247,12 @@ def tune_thresholds(y_true, y_score, *, multilabel, default=0.5, mask=None):
         f1 = np.where(last_of_tie, 2.0 * tp / (num_pred + num_pos), -1.0)
         out[k] = s[int(np.argmax(f1))]
     return out
+
+
+def decisions(y_true, y_score, *, multilabel, threshold=0.5, thresholds=None):
+    """(truth, pred), both 0/1 int [N, C]: the true labels and the predictions that
+    `classification_metrics` scores (argmax one-hot, or per-label thresholding), for statistics
+    that resample examples (rosjax.eval.stats)."""
+    y_true, y_score = _prepare(y_true, y_score, multilabel, None)
+    truth = y_true if multilabel else _one_hot(y_true, y_score.shape[1])
+    return truth, _predict(y_score, multilabel, threshold, thresholds)

@@ -50,10 +50,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("smoke"):
         lines += ["*Smoke run on the bundled sample files: numbers check the pipeline, not the method.*", ""]
     lines += _data_section(report.get("data", {}))
-    lines += _teachers_section(report.get("teachers", []))
+    lines += _teachers_section(report.get("teachers", []), report.get("main_seed") if report.get("seeds") else None)
     settings = report.get("settings", {})
     titles = {name: entry.get("title", name) for name, entry in settings.items()}
-    lines += _table_i(settings, report.get("table_i_order", list(settings)))
+    lines += _table_i(settings, report.get("table_i_order", list(settings)), report.get("seeds"),
+                      report.get("main_seed"))
+    lines += _comparison_section(report.get("comparisons"), titles)
     lines += _robustness_section(report.get("robustness", {}), titles)
     lines += _landscape_section(report.get("landscape", {}), titles)
     for sweep_name, sweep in report.get("sweeps", {}).items():
@@ -82,18 +84,32 @@ def _data_section(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _teachers_section(teachers: list[dict[str, Any]]) -> list[str]:
+def _teachers_section(teachers: list[dict[str, Any]], seed: int | None = None) -> list[str]:
+    """The teachers of the run in WORKDIR; `seed` (several seeds) names it."""
     if not teachers:
         return []
     rows = [[t["index"], t["architecture"], t["test"].get("precision_macro"), t["test"].get("recall_macro"),
              t["test"].get("f1_macro"), t["test"].get("auroc_macro")] for t in teachers]
-    return ["## Teachers (test split)", "",
+    note = [] if seed is None else [f"The teachers of seed {seed}; every seed's are in report.json (seed_runs).", ""]
+    return ["## Teachers (test split)", "", *note,
             *_table(["#", "architecture", "Precision", "Recall", "F1", "mean AUROC"], rows), ""]
 
 
-def _table_i(settings: dict[str, Any], order: list[str]) -> list[str]:
+TABLE_I_METRICS = ("precision_macro", "recall_macro", "f1_macro", "accuracy", "balanced_accuracy", "auroc_macro",
+                   "ece")
+
+
+def _mean_std(mean: Any, std: Any) -> str:
+    """`mean ± std` (std None: one seed, the mean alone)."""
+    return _fmt(mean) if std is None or mean is None else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _table_i(settings: dict[str, Any], order: list[str], seeds: list[int] | None = None,
+             main_seed: int | None = None) -> list[str]:
+    """Table I; with several seeds, every cell is mean ± sample std over the seeds, with their count."""
     if not settings:
         return []
+    several = bool(seeds) and len(seeds) > 1
     rows, collapsed = [], []
     for key in order:
         entry = settings.get(key)
@@ -103,17 +119,54 @@ def _table_i(settings: dict[str, Any], order: list[str]) -> list[str]:
             title = f"{title} ⚠ COLLAPSED"
         if entry is None or "test" not in entry:
             status = (entry or {}).get("status", "not run")
-            rows.append([title, status, "", "", "", "", "", ""])
+            rows.append([title, status, *[""] * (len(TABLE_I_METRICS) - 1 + several)])
             continue
-        m = entry["test"]
-        rows.append([title, m.get("precision_macro"), m.get("recall_macro"), m.get("f1_macro"),
-                     m.get("accuracy"), m.get("balanced_accuracy"), m.get("auroc_macro"), m.get("ece")])
-    header = ["Setting", "Precision", "Recall", "F1", "Accuracy", "Bal. acc.", "mean AUROC", "ECE"]
-    lines = ["## Table I: test performance (macro averages)", "", *_table(header, rows), ""]
+        m, sd = entry["test"], entry.get("test_std", {})
+        cells = [_mean_std(m.get(k), sd.get(k)) if several else m.get(k) for k in TABLE_I_METRICS]
+        if several:
+            shown = len(entry.get("seeds", []))
+            cells.append(f"{shown} of {len(seeds)}" if shown < len(seeds) else shown)
+        rows.append([title, *cells])
+    header = ["Setting", "Precision", "Recall", "F1", "Accuracy", "Bal. acc.", "mean AUROC", "ECE",
+              *(["Seeds"] if several else [])]
+    lines = ["## Table I: test performance (macro averages)", ""]
+    if several:
+        lines += [f"Mean ± sample standard deviation (ddof = 1) over {len(seeds)} training seeds "
+                  f"({', '.join(map(str, seeds))}). Each seed trains its own teachers and draws its own "
+                  "injected label noise; every seed is tested on the same test split. Table II, Figure 4, "
+                  f"the sweeps and folds use the run of seed {main_seed}.", ""]
+    lines += [*_table(header, rows), ""]
     if collapsed:
         lines += ["**Collapsed runs** (constant predictions or dead gradients; their scores are not "
                   "the method's):", "", *collapsed, ""]
     return lines
+
+
+def _comparison_section(comparisons: dict[str, Any] | None, titles: dict[str, str]) -> list[str]:
+    """RoS-KD − each baseline on the test set: the difference and its paired bootstrap interval."""
+    if not comparisons or not comparisons.get("baselines"):
+        return []
+    method = titles.get(comparisons["method"], comparisons["method"])
+    confidence = f"{100 * comparisons['confidence']:g} %"
+
+    def cells(interval: dict[str, Any]) -> list[str]:
+        if interval.get("low") is None:
+            return [f"{interval['estimate']:+.3f}", "—"]
+        mark = " *" if interval["excludes_zero"] else ""
+        return [f"{interval['estimate']:+.3f}", f"[{interval['low']:+.3f}, {interval['high']:+.3f}]{mark}"]
+
+    rows = [[titles.get(name, name), ", ".join(map(str, c["seeds"])), *cells(c["f1_macro"]), *cells(c["auroc_macro"])]
+            for name, c in comparisons["baselines"].items()]
+    several = any(len(c["seeds"]) > 1 for c in comparisons["baselines"].values())
+    header = ["Baseline", "seeds", "Δ F1", f"{confidence} interval", "Δ mean AUROC", f"{confidence} interval"]
+    return [f"## Table I: {method} against each baseline (test set, paired bootstrap)", "",
+            f"Δ = {method} minus the baseline (macro-F1, mean AUROC), averaged over the seeds. The interval: "
+            f"percentiles of {comparisons['n_resamples']} resamples of the test examples, drawn with replacement "
+            f"(seed {comparisons['bootstrap_seed']}), each scoring both models of every seed on the same examples. "
+            "A * marks an interval that excludes 0: on this test set the difference is not sampling noise. "
+            + ("It does not cover the spread over training seeds (Table I's ±)." if several else
+             "One training seed: it does not cover training randomness (--seeds=0,1,2 adds that)."), "",
+            *_table(header, rows), ""]
 
 
 def _robustness_section(robustness: dict[str, Any], titles: dict[str, str]) -> list[str]:

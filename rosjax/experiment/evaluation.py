@@ -1,18 +1,22 @@
 """The evaluation stage: test metrics of every setting, attacks (Table II), landscapes (Figure 4).
 
 Results go to `WORKDIR/eval/<name>.json` (one file per setting and analysis), each written
-once and skipped on a rerun, and the plots to `WORKDIR/plots/`.
+once and skipped on a rerun, each setting's test-split outputs to `WORKDIR/eval/<name>.test.npz`
+(the report's bootstrap intervals), and the plots to `WORKDIR/plots/`.
 """
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
+import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 
+from rosjax import atomic
 from rosjax.config import ExperimentConfig
 from rosjax.eval import attacks, collapse, landscape, metrics
 from rosjax.experiment import artifacts
@@ -52,6 +56,8 @@ def evaluate_all(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentDa
     for name in settings_to_evaluate(settings):
         results["settings"][name] = cached(wd.path("eval", f"{name}.json"),
                                            functools.partial(score_setting, cfg, wd, data, name, mesh))
+        if not predictions_path(wd.root, name).exists():  # scored by a version that did not store them
+            predict_test_split(cfg, wd, data, name, mesh)
 
     compared = [s for s in settings_lib.COMPARED if s in settings_to_evaluate(settings)]
     if analyses and compared:
@@ -70,9 +76,7 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     statistics}, and 'collapsed': {symptom: description} when the test predictions are constant
     or the training run's gradients died (logged as a WARNING naming the setting).
     """
-    model, variables, _ = artifacts.load_setting(wd.root, name)
-    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
-    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits["test"]))
+    out = predict_test_split(cfg, wd, data, name, mesh)
     scores = metrics.scores_from_logits(out["logits"], multilabel=data.multilabel)
     test = {**metrics.classification_metrics(out["label"], scores, multilabel=data.multilabel,
                                              class_names=data.dataset.class_names),
@@ -86,6 +90,30 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         log.warning("COLLAPSE: setting %s (test split): %s", name, collapse.describe(symptoms))
         result["collapsed"] = symptoms
     return result
+
+
+def predictions_path(root: pathlib.Path, name: str) -> pathlib.Path:
+    """Where a setting's test-split outputs are stored: `eval/<name>.test.npz`."""
+    return pathlib.Path(root) / "eval" / f"{name}.test.npz"
+
+
+def predict_test_split(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, name: str,
+                     mesh) -> dict[str, np.ndarray]:
+    """The setting's test-split outputs {'logits' [N, C], 'label' [N] or [N, C], 'loss' [N]}, in
+    test-split order; inferred once and stored in `eval/<name>.test.npz`, which the report's
+    paired bootstrap reads (rosjax.experiment.seeds) without re-inference."""
+    path = predictions_path(wd.root, name)
+    if path.exists():
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    model, variables, _ = artifacts.load_setting(wd.root, name)
+    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
+    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits["test"]))
+    buffer = io.BytesIO()
+    np.savez(buffer, **out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path, buffer.getvalue())
+    return out
 
 
 def _attack_rows(cfg: ExperimentConfig, data: data_lib.ExperimentData) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Runs an experiment's stages in order: data → teachers → settings → evaluate → sweeps → folds → report.
 
 `run(cfg, workdir, stages=..., settings=..., teacher=...)` is what the CLI calls; every stage
-skips what is already complete in `workdir`, so the same command resumes a killed run.
+skips what is already complete in `workdir`, so the same command resumes a killed run. With
+`--seeds`, the teachers, settings and evaluate stages run once per seed, each other seed in its
+own nested work directory (rosjax.experiment.seeds), before the sweeps, folds and report.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import evaluation, training, validate
+from rosjax.experiment import seeds as seeds_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 from rosjax.train import parallel
@@ -31,6 +34,9 @@ def check(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Se
     validate.check_options(cfg, stages=stages, settings=settings,
                            devices=jax.device_count(), workdir=root)
     check_config(root, config_lib.to_dict(cfg), write=False)
+    for seed in seeds_lib.extra_seeds(cfg):
+        check_config(seeds_lib.seed_root(root, cfg, seed), config_lib.to_dict(seeds_lib.seed_config(cfg, seed)),
+                     write=False)
 
 
 def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
@@ -53,9 +59,41 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
 
     data = data_lib.load(cfg)
     validate.check_batches(cfg, lambda **point: data if not point else data_lib.load(cfg, **point), stages=stages)
+    _prepare(cfg, wd, data)
+    _train_and_score(cfg, wd, data, mesh, stages=stages, settings=settings, teacher=teacher, analyses=True)
+    for seed in seeds_lib.extra_seeds(cfg):  # the split and subsets are the main run's: batches checked
+        scfg = seeds_lib.seed_config(cfg, seed)
+        swd = Workdir(seeds_lib.seed_root(wd.root, cfg, seed))
+        log.info("seed %d in %s", seed, swd.root)
+        sdata = data_lib.load(scfg)
+        _prepare(scfg, swd, sdata)
+        _train_and_score(scfg, swd, sdata, mesh, stages=stages, settings=settings, teacher=teacher, analyses=False)
+        if "report" in stages:
+            report_lib.write_report(swd.root, build_report(scfg, swd))
+    if "sweeps" in stages:
+        from rosjax.experiment import sweeps  # noqa: PLC0415
+        sweeps.run_sweeps(cfg, wd, mesh)
+    if "folds" in stages:
+        from rosjax.experiment import sweeps  # noqa: PLC0415
+        sweeps.run_folds(cfg, wd, mesh)
+    if "report" in stages:
+        report = build_report(cfg, wd)
+        json_path, md_path = report_lib.write_report(wd.root, report)
+        log.info("report: %s and %s (%.0f s)", md_path, json_path, time.perf_counter() - started)
+        return report
+    return None
+
+
+def _prepare(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData) -> None:
+    """Records the configuration (refusing another's), the data summary and the split of one run."""
     check_config(wd.root, config_lib.to_dict(cfg))
     write_json(wd.path("data", "summary.json"), data_lib.summary(data, cfg))
     data_lib.write_split(data, cfg, wd.path("data", "split.json"))
+
+
+def _train_and_score(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, mesh, *,
+                     stages: Sequence[str], settings: Sequence[str], teacher: int | None, analyses: bool) -> None:
+    """The teachers, settings and evaluate stages of one seed's run (`analyses`: attacks, landscapes)."""
     if "teachers" in stages:
         indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
         compiler = training.teacher_compiler(cfg, wd, data, indices, mesh)
@@ -72,23 +110,17 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
         finally:
             compiler.close()
     if "evaluate" in stages:
-        evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh)
-    if "sweeps" in stages:
-        from rosjax.experiment import sweeps  # noqa: PLC0415
-        sweeps.run_sweeps(cfg, wd, mesh)
-    if "folds" in stages:
-        from rosjax.experiment import sweeps  # noqa: PLC0415
-        sweeps.run_folds(cfg, wd, mesh)
-    if "report" in stages:
-        report = build_report(cfg, wd)
-        json_path, md_path = report_lib.write_report(wd.root, report)
-        log.info("report: %s and %s (%.0f s)", md_path, json_path, time.perf_counter() - started)
-        return report
-    return None
+        evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh,
+                                analyses=analyses)
 
 
 def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
-    """Collects every finished stage's results from the work directory into one dict."""
+    """Collects every finished stage's results from the work directory into one dict.
+
+    With several seeds (rosjax.experiment.seeds) the settings are their mean ± std over the
+    seeds' runs, with each seed's numbers; the RoS-KD − baseline bootstrap intervals
+    ('comparisons') pool every seed's stored test outputs.
+    """
     report = {"experiment": cfg.name, "smoke": cfg.smoke, "config": config_lib.to_dict(cfg),
               "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind}}
     summary_path = wd.root / "data" / "summary.json"
@@ -96,10 +128,38 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
         report["data"] = read_json(summary_path)
     report["teachers"] = [r for i, arch in enumerate(cfg.teachers.architectures)
                           if (r := done(wd.root / "teachers" / f"{i}-{arch}")) is not None]
+    roots = {seed: seeds_lib.seed_root(wd.root, cfg, seed) for seed in seeds_lib.seed_list(cfg)}
+    if len(roots) > 1:
+        report["seeds"] = list(roots)
+        report["main_seed"] = cfg.seed
+        report["settings"] = seeds_lib.aggregate({seed: _setting_records(root) for seed, root in roots.items()})
+        report["seed_runs"] = {str(seed): {"workdir": str(root.relative_to(wd.root)) if root != wd.root else ".",
+                                           "teachers": [r for i, arch in enumerate(cfg.teachers.architectures)
+                                                        if (r := done(root / "teachers" / f"{i}-{arch}")) is not None]}
+                               for seed, root in roots.items()}
+    else:
+        report["settings"] = _setting_records(wd.root)
+    report["table_i_order"] = list(report["settings"])  # JSON sorts keys; re-rendering keeps this order
+    report["cost_reference"] = settings_lib.METHOD
+    comparisons = seeds_lib.compare(roots, settings_lib.METHOD,
+                                    [s.name for s in settings_lib.SETTINGS if s.name != settings_lib.METHOD],
+                                    n_resamples=cfg.evaluation.bootstrap_resamples,
+                                    seed=cfg.evaluation.bootstrap_seed)
+    if comparisons is not None:
+        report["comparisons"] = comparisons
+    for name in ("robustness", "landscape", "sweeps", "folds"):
+        path = wd.root / "eval" / f"{name}.json"
+        if path.exists():
+            report[name] = read_json(path)
+    return report
+
+
+def _setting_records(root) -> dict:
+    """Each registry setting's entry of one run: its training record and test metrics, or its status."""
     settings = {}
     for entry in settings_lib.SETTINGS:  # Table I's rows, in its order
-        record = done(wd.root / "settings" / entry.folder)
-        scored = wd.root / "eval" / f"{entry.name}.json"
+        record = done(root / "settings" / entry.folder)
+        scored = root / "eval" / f"{entry.name}.json"
         about = {"title": entry.title, **({"trained_by": entry.trained_by} if entry.trained_by else {})}
         if record is None:
             settings[entry.name] = {**about, "status": "not run"}
@@ -107,11 +167,4 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
             settings[entry.name] = {**record, **about, "status": "trained, not evaluated"}
         else:
             settings[entry.name] = {**record, **about, **read_json(scored)}
-    report["settings"] = settings
-    report["table_i_order"] = list(settings)  # JSON sorts keys; re-rendering keeps this order
-    report["cost_reference"] = settings_lib.METHOD
-    for name in ("robustness", "landscape", "sweeps", "folds"):
-        path = wd.root / "eval" / f"{name}.json"
-        if path.exists():
-            report[name] = read_json(path)
-    return report
+    return settings

@@ -86,6 +86,11 @@ def check_options(cfg: ExperimentConfig, *, stages: Sequence[str], settings: Seq
 def _check_top(p: _Problems, cfg: ExperimentConfig, settings) -> None:
     known_settings = settings_lib.TRAINED
     p.require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    p.require(all(s >= 0 for s in cfg.seeds) and len(set(cfg.seeds)) == len(cfg.seeds), "seeds", cfg.seeds,
+              "distinct seeds >= 0")
+    p.require(not cfg.seeds or cfg.seed in cfg.seeds, "seeds", cfg.seeds,
+              f"must include --seed={cfg.seed}, whose run is the work directory itself (it also holds the "
+              f"attacks, landscapes, sweeps and folds); add it, or set --seed to one of them")
     p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
     for name in dict.fromkeys((*cfg.settings, *settings)):
         p.require(name in known_settings, "settings", name, f"unknown setting; valid: {', '.join(known_settings)}")
@@ -260,6 +265,9 @@ def _check_evaluation(p: _Problems, cfg: ExperimentConfig) -> None:
     p.require(e.landscape_grid >= 3, "evaluation.landscape_grid", e.landscape_grid, "must be >= 3 points per axis")
     p.require(e.landscape_examples >= 1, "evaluation.landscape_examples", e.landscape_examples, "must be >= 1")
     p.require(e.landscape_seed >= 0, "evaluation.landscape_seed", e.landscape_seed, "must be >= 0")
+    p.require(e.bootstrap_resamples >= 100, "evaluation.bootstrap_resamples", e.bootstrap_resamples,
+              "must be >= 100 (a 95 % percentile interval needs its tails)")
+    p.require(e.bootstrap_seed >= 0, "evaluation.bootstrap_seed", e.bootstrap_seed, "must be >= 0")
 
 
 def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir: pathlib.Path | None) -> None:

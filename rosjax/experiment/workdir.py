@@ -8,8 +8,10 @@ Layout (documented in the README):
       teachers/<i>-<arch>/             one teacher: ckpt/ (Orbax), metrics.jsonl, final/, DONE.json
       settings/<setting>/              one student setting (baseline_i, ..., rosjax): same files
       eval/<setting>.json              test metrics, attacks
+      eval/<setting>.test.npz          test-split logits [N, C], labels, losses (the report's bootstrap)
       plots/*.png                      landscapes and sweep figures
       sweeps/<sweep>/<point>/          a nested WORKDIR per sweep point
+      seeds/<seed>/                    a nested WORKDIR per extra seed of --seeds (rosjax.experiment.seeds)
       report.json, report.md
 
 A stage is complete when its `DONE.json` exists; it is written atomically (temp file + rename)
@@ -113,10 +115,13 @@ class WorkdirConflictError(UserError, ValueError):
 # Fields that do not change any number a run produces: where files are, how much is logged,
 # how often a resumable checkpoint is taken, how many decode workers and evaluation images per
 # batch (evaluation runs in inference mode, one example independent of the next). A rerun may
-# change them; every other field must match the recorded configuration.
+# change them; every other field must match the recorded configuration. `settings` and `seeds`
+# only say which runs to add (each seed's run is pinned by its own config.json); the report's
+# bootstrap is recomputed from stored test predictions on every report and records its draws.
 NOT_RESULT_FIELDS = frozenset({
     "data.data_dir", "data.manual_dir", "data.download", "data.num_workers", "data.eval_batch_size",
-    "distill.cache_batch_size", "checkpoint_every_steps", "log_every_steps", "settings", "logging.wandb"})
+    "distill.cache_batch_size", "checkpoint_every_steps", "log_every_steps", "settings", "seeds", "logging.wandb",
+    "evaluation.bootstrap_resamples", "evaluation.bootstrap_seed"})
 
 
 def check_config(root: pathlib.Path, config: dict[str, Any], *, write: bool = True) -> None:
