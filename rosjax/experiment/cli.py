@@ -12,6 +12,8 @@
   folds       NIH: three split seeds, per-class AUROC mean ± std (Table III)
   report      write report.json and report.md
 Every stage skips work whose output is complete, so rerunning a command resumes it.
+`--seeds=0,1,2` runs teachers, settings and evaluate once per seed (rosjax.experiment.seeds);
+the report shows mean ± std over the seeds and RoS-KD − baseline bootstrap intervals.
 
 Every option is checked before anything is written; a user error (bad option, bad data,
 missing files, a work directory of another configuration) prints one line naming the culprit
