@@ -133,8 +133,10 @@ def test_aggregate_takes_mean_and_sample_std_over_the_scored_seeds():
 
 
 def test_seeds_are_checked_at_start_up(tmp_path):
-    for seeds_option, message in (("0,0", "distinct"), ("1,2", "must include --seed=0")):
-        cfg = C.apply_overrides(lesion.get_config(smoke=True), {"seeds": seeds_option})
+    for override, message in (({"seeds": "0,0"}, "distinct"), ({"seeds": "1,2"}, "must include --seed=0"),
+                              ({"seeds": "0,-1"}, "distinct seeds >= 0"),
+                              ({"evaluation.bootstrap_resamples": "50"}, "must be >= 100")):
+        cfg = C.apply_overrides(lesion.get_config(smoke=True), override)
         with pytest.raises(ConfigError, match=message):
             runner.check(cfg, tmp_path, stages=["data"], settings=[])
 
@@ -178,8 +180,11 @@ def test_two_seeds_then_a_third(tmp_path):
     assert report["settings"]["ros_kd"]["seeds"] == [0, 1]
 
     before = _done_times(tmp_path)
+    old_outputs = tmp_path / "seeds" / "1" / "eval" / "baseline_i.test.npz"  # as if scored before they were stored
+    old_outputs.unlink()
     again = runner.run(cfg, tmp_path, stages=stages, settings=settings)  # resumes: nothing retrained
     assert _done_times(tmp_path) == before and again["settings"] == report["settings"]
+    assert old_outputs.exists() and again["comparisons"] == report["comparisons"]  # re-inferred, same numbers
 
     three = C.apply_overrides(cfg, {"seeds": "0,1,2"})
     report3 = runner.run(three, tmp_path, stages=stages, settings=settings)
