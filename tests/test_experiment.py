@@ -173,13 +173,14 @@ def test_nih_run_with_sweeps_and_folds(tmp_path):
                                                "report"], settings=settings_lib.requested(cfg))
     assert report["data"]["multilabel"] and len(report["data"]["class_names"]) == 8
     assert report["settings"]["ros_kd"]["test"]["num_classes"] == 8
+    assert len(report["settings"]["ros_kd"]["test_tuned"]["thresholds"]) == 8  # tuned on validation
     assert report["settings"]["baseline_i"]["status"] == "not run"
     assert set(report["sweeps"]) == {"overlap", "student", "weights"}
     assert set(report["sweeps"]["overlap"]["points"]) == {"0.0", "0.4"}
     folds = report["folds"]
     assert folds["runs"] == 2 and len(folds["auroc_mean"]) == 8
     markdown = (tmp_path / "report.md").read_text()
-    assert "Table III" in markdown and "Sweep" in markdown
+    assert "Table III" in markdown and "Sweep" in markdown and "Multi-label decision thresholds" in markdown
     # Every sweep point and fold is a finished stage now: a rerun only reads them back.
     started = time.perf_counter()
     again = runner.run(cfg, tmp_path, stages=["sweeps", "folds", "report"], settings=settings_lib.requested(cfg))

@@ -63,3 +63,22 @@ def test_missing_values_render_as_dashes_not_nan():
     rows = {r[0]: r for r in _rows(report_lib.render_markdown(report), "## Table I")}
     assert rows["RoS-KD (M_smooth)"][6] == "—"
     assert "nan" not in report_lib.render_markdown(report).lower()
+
+
+def test_multi_label_report_shows_f1_at_05_and_at_tuned_thresholds():
+    """Table I keeps threshold 0.5; a second table puts the validation-tuned F1 beside it."""
+    tuned = {**_metrics(0.41, 0.52, 0.44), "thresholds": [0.2, 0.3]}
+    report = {"settings": {"baseline_i": {"title": "Baseline I (CE only)", "test": _metrics(0.3, 0.1, 0.12),
+                                          "test_tuned": tuned},
+                           "ros_kd": {"title": "RoS-KD (M_smooth)", "test": _metrics(0.5, 0.2, 0.21),
+                                      "test_tuned": {**tuned, "f1_macro": 0.47}}},
+              "table_i_order": ["baseline_i", "ros_kd"]}
+    markdown = report_lib.render_markdown(report)
+    assert {r[0]: r[3] for r in _rows(markdown, "## Table I")} == {"Baseline I (CE only)": "0.120",
+                                                                   "RoS-KD (M_smooth)": "0.210"}
+    assert _rows(markdown, "## Multi-label decision thresholds") == [
+        ["Baseline I (CE only)", "0.120", "0.410", "0.520", "0.440"],
+        ["RoS-KD (M_smooth)", "0.210", "0.410", "0.520", "0.470"]]
+    assert "at least 0.5" in markdown
+    one_label = {"settings": {"ros_kd": {"title": "RoS-KD", "test": _metrics(0.5, 0.5, 0.5)}}}
+    assert "decision thresholds" not in report_lib.render_markdown(one_label)
