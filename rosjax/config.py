@@ -89,7 +89,7 @@ class DistillConfig:
     cache_batch_size: int = 256        # Cached outputs: images per teacher forward while building the cache.
     warmup_epochs: int = 10            # Epochs before M_smooth starts averaging (paper: 10).
     bn_mode: str = "recalibrate"       # M_smooth BatchNorm: "recalibrate" (pass over train data) or "average".
-    recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics.
+    recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics (0: a full pass).
     rl_equal_epochs: int = 10          # Baseline IV: epochs of equal-weight distillation before the agent acts.
     rl_learning_rate: float = 1e-3     # Baseline IV: Adam learning rate of the selection policy.
     rl_baseline_decay: float = 0.9     # Baseline IV: decay of the moving-average reward baseline.

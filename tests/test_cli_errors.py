@@ -36,6 +36,7 @@ def run_cli(tmp_path, *argv):
     ("--distill.alpha=2", "--distill.alpha=2.0: must be in [0, 1]"),
     ("--distill.normalize=sum_1", "--distill.normalize=sum_1: expected one of"),
     ("--distill.warmup_epochs=3", "--distill.warmup_epochs=3: must be in 0..2"),
+    ("--distill.recalibration_batches=-1", "--distill.recalibration_batches=-1: must be >= 0"),
     ("--optim.learning_rate=-0.1", "--optim.learning_rate=-0.1: must be >= 0"),
     ("--optim.epochs=0", "--optim.epochs=0: must be >= 1"),
     ("--optim.batch_size=0", "--optim.batch_size=0: must be >= 1"),

@@ -243,7 +243,8 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(not epoch_bound or 0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
               f"must be in 0..{epochs - 1}: M_smooth averages the epochs after the warm-up (--optim.epochs={epochs})")
     p.one_of("distill.bn_mode", d.bn_mode, ("recalibrate", "average"))
-    p.require(d.recalibration_batches >= 1, "distill.recalibration_batches", d.recalibration_batches, "must be >= 1")
+    p.require(d.recalibration_batches >= 0, "distill.recalibration_batches", d.recalibration_batches,
+              "must be >= 0 (0: one full pass over the training split)")
     p.require(not epoch_bound or 0 <= d.rl_equal_epochs < epochs, "distill.rl_equal_epochs", d.rl_equal_epochs,
               f"must be in 0..{epochs - 1}, or the agent never acts (--optim.epochs={epochs})")
     p.require(d.rl_learning_rate > 0, "distill.rl_learning_rate", d.rl_learning_rate, "must be > 0")
