@@ -46,6 +46,7 @@ def run_cli(tmp_path, *argv):
     ("--distill.student=resnet19", "--distill.student=resnet19: expected one of resnet18"),
     ("--teachers.architectures=resnet18,vgg16,densenet121", "--teachers.architectures=vgg16: expected one of"),
     ("--sweeps.normalizations=none,per_step", "--sweeps.normalizations=per_step: expected one of"),
+    ("--sweeps.fold_student=vgg16", "--sweeps.fold_student=vgg16: expected one of"),
     ("--settings=baseline_i,baseline_vi", "--settings=baseline_vi: unknown setting"),
     ("--data.noise=symmetric", None),  # valid with a rate: the control case
     ("--data.noise_rate=0.3", "--data.noise_rate=0.3: needs --data.noise"),

@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"teachers.architectures": "tiny_cnn,tiny_cnn,tiny_cnn", "teachers.single_teacher": "tiny_cnn",
         "distill.student": "tiny_cnn", "optim.epochs": "3", "distill.warmup_epochs": "1",
         "sweeps.overlaps": "0.0,0.4", "sweeps.students": "tiny_cnn", "sweeps.normalizations": "none,sum1",
-        "sweeps.fold_seeds": "0,1"}
+        "sweeps.fold_seeds": "0,1", "sweeps.fold_student": "tiny_cnn"}
 
 
 def tiny_config(get_config, **extra):

@@ -172,7 +172,13 @@ def _folds_section(folds: dict[str, Any]) -> list[str]:
     mean, std = folds["auroc_mean"], folds["auroc_std"]
     row = [f"{_fmt(m, 2)} ± {_fmt(s, 2)}" for m, s in zip(mean, std)]
     row.append(f"{_fmt(folds['mean_auroc_mean'], 3)} ± {_fmt(folds['mean_auroc_std'], 3)}")
-    return [f"## Table III: per-class AUROC of {folds.get('setting', 'RoS-KD')} over {folds['runs']} runs", "",
+    student = f", student {folds['student']}" if folds.get("student") else ""
+    seeds = ", ".join(map(str, folds.get("split_seeds", [])))
+    return [f"## Table III: per-class AUROC of {folds.get('setting', 'RoS-KD')}{student}, mean ± std over "
+            f"{folds['runs']} patient-grouped re-splits", "",
+            f"Split seeds {seeds or '?'}: each regroups the patients into train / validation / test and "
+            "retrains the teachers and the student; the test splits of different re-splits may share patients "
+            "(not k-fold cross-validation).", "",
             *_table(["Method", *names, "Mean"], [[folds.get("title", "RoS-KD (ours)"), *row]]), ""]
 
 

@@ -275,6 +275,7 @@ def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir
         p.one_of("sweeps.students", arch, ARCHITECTURES)
     for name in s.normalizations:
         p.one_of("sweeps.normalizations", name, tuple(WEIGHT_VARIANTS))
+    p.one_of("sweeps.fold_student", s.fold_student, ARCHITECTURES)
     p.require(len(s.fold_seeds) >= 1 and all(x >= 0 for x in s.fold_seeds)
               and len(set(s.fold_seeds)) == len(s.fold_seeds), "sweeps.fold_seeds", s.fold_seeds,
               "distinct split seeds >= 0")
