@@ -79,6 +79,7 @@ class TeachersConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     student: str = "resnet18"          # Student architecture (paper default: ResNet-18).
+    pretrained: str = ""               # Torchvision-layout weight file every student of --distill.student starts from ("": scratch).
     tau: float = 0.5                   # Softening temperature τ of teachers and student (paper: 0.5).
     alpha: float = 0.9                 # Weight of the KD term against the hard-label term (paper: 0.9).
     weighting: str = "exponential"     # RoS-KD teacher weights: w_m ~ Exp(1) every step.

@@ -53,6 +53,7 @@ def run_cli(tmp_path, *argv):
     ("--data.noise=flip", "--data.noise=flip: isic2019 takes symmetric or pair noise"),
     ("--dtype=float16", "--dtype=float16: expected one of float32, bfloat16"),
     ("--teachers.pretrained=a.npz,,,,", "--teachers.pretrained=a.npz: no such file"),
+    ("--distill.pretrained=a.npz", "--distill.pretrained=a.npz: no such file"),
     ("--data.download=sometimes", "--data.download=sometimes: expected one of auto, never"),
 ])
 def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, option, culprit):

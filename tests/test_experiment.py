@@ -245,3 +245,35 @@ def test_teachers_start_from_given_weights(tmp_path):
     _, trained, _ = load_setting(tmp_path / "run", "teacher:0")
     np.testing.assert_array_equal(np.asarray(trained["params"]["conv1"]["kernel"]),
                                   weights["params"]["conv1"]["kernel"])
+
+
+def test_students_start_from_given_weights(tmp_path):
+    """--distill.pretrained: the students (KD and RL trainers) start from the file's weights (lr 0 keeps them)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from rosjax import models  # noqa: PLC0415
+    from rosjax.experiment.artifacts import load_setting  # noqa: PLC0415
+    from rosjax.models import pretrained  # noqa: PLC0415
+
+    model = models.create("tiny_cnn", 8)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    rng = np.random.default_rng(1)
+    weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    weights["batch_stats"] = jax.tree.map(np.abs, weights["batch_stats"])  # variances must be positive
+    path = tmp_path / "tiny.npz"
+    pretrained.save_torchvision_weights("tiny_cnn", weights, path)
+
+    cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "tiny_cnn", "distill.pretrained": str(path),
+                                            "optim.learning_rate": "0", "optim.weight_decay": "0",
+                                            "optim.epochs": "1", "optim.milestones": "",
+                                            "distill.warmup_epochs": "0", "distill.rl_equal_epochs": "0"})
+    with pytest.raises(ConfigError, match="distill.pretrained=missing.npz: no such file"):
+        runner.run(C.apply_overrides(cfg, {"distill.pretrained": "missing.npz"}), tmp_path / "bad",
+                   stages=["settings"], settings=["baseline_i"])
+    runner.run(cfg, tmp_path / "run", stages=["data", "teachers", "settings"], settings=["baseline_i", "baseline_iv"])
+    for setting in ("baseline_i", "baseline_iv"):
+        _, trained, _ = load_setting(tmp_path / "run", setting)
+        for layer in trained["params"]:
+            for name, value in trained["params"][layer].items():
+                np.testing.assert_array_equal(np.asarray(value), weights["params"][layer][name], err_msg=setting)

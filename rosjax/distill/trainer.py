@@ -71,7 +71,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                   smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
                   cached_teacher_outputs: bool = False, seed: int = 0,
                   loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                  mesh: jax.sharding.Mesh | None = None, class_weights=None) -> StudentResult:
+                  mesh: jax.sharding.Mesh | None = None, class_weights=None,
+                  load_weights: Callable[[dict], dict] | None = None) -> StudentResult:
     """Trains a student and exports it (and M_smooth) to `<workdir>/final`.
 
     Args:
@@ -90,9 +91,10 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
       class_weights: optional host array [C] weighting the CE term (`rosjax.losses.class_weights`);
         None: the paper's unweighted CE.
+      load_weights: the student's starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
     """
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
-                    seed=seed, mesh=mesh)
+                    seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
 
     if teachers:

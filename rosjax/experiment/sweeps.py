@@ -37,6 +37,14 @@ WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
     "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": ("sum1", True)}
 
 
+def student_options(d: config_lib.DistillConfig, student: str) -> config_lib.DistillConfig:
+    """The distillation options with student `student`; --distill.pretrained holds weights of
+    --distill.student only, so a point with another student starts from scratch."""
+    if student != d.student and d.pretrained:
+        log.info("student %s starts from scratch (--distill.pretrained is a %s file)", student, d.student)
+    return dataclasses.replace(d, student=student, pretrained=d.pretrained if student == d.student else "")
+
+
 def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd: Workdir | None) -> dict[str, Any]:
     """Trains and scores one sweep point; `teachers_wd=None` trains the point's own teachers."""
     check_config(wd.root, config_lib.to_dict(cfg))
@@ -65,7 +73,7 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
         "student": _sweep(
             cfg, wd, mesh, main, compared, "student", "student", "Figure 2: student architecture",
             cfg.sweeps.students, str, lambda a: a == d.student,
-            lambda a: dataclasses.replace(cfg, distill=dataclasses.replace(d, student=a)), own_teachers=False),
+            lambda a: dataclasses.replace(cfg, distill=student_options(d, a)), own_teachers=False),
         "weights": _sweep(
             cfg, wd, mesh, main, settings_lib.WEIGHT_OPTIONS, "weights", "teacher weights",
             "Teacher-weight normalisation",
@@ -135,7 +143,7 @@ def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
         else:
             log.info("re-split with split seed %d, student %s", seed, student)
             fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=(setting,),
-                                       distill=dataclasses.replace(cfg.distill, student=student))
+                                       distill=student_options(cfg.distill, student))
             main_teachers = own_split and all(done(wd.root / "teachers" / f"{i}-{arch}") is not None
                                               for i, arch in enumerate(cfg.teachers.architectures))
             scores = run_point(fcfg, Workdir(wd.folder("folds", f"seed{seed}")), mesh, settings=(setting,),

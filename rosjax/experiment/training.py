@@ -195,10 +195,19 @@ def pretrained_path(cfg: ExperimentConfig, index: int) -> str | None:
 
 def pretrained_loader(cfg: ExperimentConfig, index: int):
     """`load_weights` for `train_classifier`: ImageNet weights into a fresh teacher, or None."""
-    path = pretrained_path(cfg, index)
+    return weights_loader(cfg.teachers.architectures[index], pretrained_path(cfg, index))
+
+
+def student_pretrained_path(cfg: ExperimentConfig) -> str | None:
+    """The torchvision-layout weight file the students start from (--distill.pretrained), or None."""
+    return str(pathlib.Path(cfg.distill.pretrained).expanduser()) if cfg.distill.pretrained else None
+
+
+def weights_loader(architecture: str, path: str | None):
+    """`load_weights` of the trainers (`rosjax.train.start.start_run`): the file `path` into a
+    freshly initialised `architecture`, or None (from scratch)."""
     if path is None:
         return None
-    architecture = cfg.teachers.architectures[index]
     return lambda variables: pretrained.load_torchvision_weights(architecture, variables, path)
 
 
@@ -259,7 +268,8 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh,
-                  class_weights=class_weights(cfg, data, rows))
+                  class_weights=class_weights(cfg, data, rows),
+                  load_weights=weights_loader(cfg.distill.student, student_pretrained_path(cfg)))
     d = cfg.distill
     if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
@@ -281,6 +291,7 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                               kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
                               cached_teacher_outputs=cached, **common)
     record = {"setting": setting, "teachers": indices, "student": cfg.distill.student,
+              "pretrained": student_pretrained_path(cfg),
               "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
     if symptoms := collapse.gradient_symptoms(collapse.grad_norms_from_file(folder / loop.METRICS_FILE)):
         log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))

@@ -232,6 +232,8 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
 def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     d, epochs = cfg.distill, cfg.optim.epochs
     p.one_of("distill.student", d.student, ARCHITECTURES)
+    p.require(not d.pretrained or pathlib.Path(d.pretrained).expanduser().is_file(), "distill.pretrained",
+              d.pretrained, "no such file")
     p.require(d.tau > 0, "distill.tau", d.tau, "the temperature must be > 0")
     p.require(0 <= d.alpha <= 1, "distill.alpha", d.alpha, "must be in [0, 1]")
     p.one_of("distill.weighting", d.weighting, ("exponential",))
