@@ -117,11 +117,13 @@ def lesion_run(tmp_path_factory):
 def test_lesion_run_reports_every_setting(lesion_run):
     workdir, report = lesion_run
     settings = report["settings"]
-    for name in ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "ros_kd"):
+    for name in ("baseline_i", "baseline_ii", "baseline_ii_subset", "baseline_iii", "baseline_iii_full",
+                 "baseline_iv", "baseline_v", "ros_kd"):
         test = settings[name]["test"]
         assert 0.0 <= test["f1_macro"] <= 1.0 and test["num_examples"] == report["data"]["split_sizes"]["test"]
     assert set(report["data"]["group_overlap"].values()) == {0}
-    assert [t["architecture"] for t in report["teachers"]] == ["tiny_cnn"] * 3
+    assert [t["architecture"] for t in report["teachers"]] == ["tiny_cnn"] * 4  # 3 subset teachers, 1 full-split
+    assert report["teachers"][-1]["train_examples"] == report["data"]["split_sizes"]["train"]
     assert set(report["robustness"]) and set(report["landscape"]) == {"baseline_iii", "ros_kd"}
     markdown = (workdir / "report.md").read_text()
     assert "Table I" in markdown and "Table II" in markdown and "RoS-KD (M_smooth)" in markdown

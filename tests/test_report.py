@@ -23,9 +23,13 @@ def _rows(markdown, heading):
     return rows[1:]  # without the header
 
 
-PAPER_ORDER = ["Baseline I (CE only)", "Baseline II (Hinton KD, one teacher)",
-               "Baseline III (equal-weight teachers)", "Baseline IV (RL teacher selection)",
-               "Baseline V (RoS-KD, no smoothing)", "RoS-KD (M_smooth)"]
+PAPER_ORDER = ["Baseline I (CE only)", "Baseline II (Hinton KD, one teacher on the full training split)",
+               "Baseline II, one subset teacher (Hinton KD)", "Baseline III (equal-weight teachers)",
+               "Baseline III, traditional (equal-weight teachers on the full training split)",
+               "Baseline IV (RL teacher selection)", "Baseline V (RoS-KD, no smoothing)", "RoS-KD (M_smooth)",
+               "RoS-KD (M_smooth), unnormalised Exp(1) weights (the paper's formula)",
+               "RoS-KD (M_smooth), Exp(1) weights rescaled to sum K",
+               "RoS-KD (M_smooth), Exp(1) weights rescaled to sum 1 (Dirichlet)"]
 
 
 def test_table_i_lists_every_setting_in_the_papers_order(tmp_path):

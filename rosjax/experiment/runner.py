@@ -57,7 +57,9 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     write_json(wd.path("data", "summary.json"), data_lib.summary(data, cfg))
     data_lib.write_split(data, cfg, wd.path("data", "split.json"))
     if "teachers" in stages:
-        indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
+        # Subset teachers by index, then the full-split teachers the settings name (by architecture).
+        indices = [teacher] if teacher is not None else [*range(len(cfg.teachers.architectures)),
+                                                         *settings_lib.full_teachers(cfg, settings)]
         compiler = training.teacher_compiler(cfg, wd, data, indices, mesh)
         try:
             for i in indices:
@@ -96,13 +98,16 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
         report["data"] = read_json(summary_path)
     report["teachers"] = [r for i, arch in enumerate(cfg.teachers.architectures)
                           if (r := done(wd.root / "teachers" / f"{i}-{arch}")) is not None]
+    report["teachers"] += [r for arch in dict.fromkeys(cfg.teachers.architectures)
+                           if (r := done(wd.root / "teachers" / f"full_{arch}")) is not None]
     settings = {}
     for entry in settings_lib.SETTINGS:  # Table I's rows, in its order
         record = done(wd.root / "settings" / entry.folder)
         scored = wd.root / "eval" / f"{entry.name}.json"
         about = {"title": entry.title, **({"trained_by": entry.trained_by} if entry.trained_by else {})}
         if record is None:
-            settings[entry.name] = {**about, "status": "not run"}
+            same = entry.same_run_as(cfg)
+            settings[entry.name] = {**about, "status": f"= {settings_lib.get(same).title}" if same else "not run"}
         elif not scored.exists():
             settings[entry.name] = {**record, **about, "status": "trained, not evaluated"}
         else:

@@ -50,8 +50,8 @@ def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd
     check_config(wd.root, config_lib.to_dict(cfg))
     data = data_lib.load(cfg)
     if teachers_wd is None:
-        for i in range(len(cfg.teachers.architectures)):
-            training.train_teacher(cfg, wd, data, i, mesh)
+        for key in [*range(len(cfg.teachers.architectures)), *settings_lib.full_teachers(cfg, settings)]:
+            training.train_teacher(cfg, wd, data, key, mesh)
     for setting in settings:
         training.train_setting(cfg, wd, data, setting, mesh, teachers_wd=teachers_wd or wd)
     return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]

@@ -224,7 +224,8 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
               f"give one file per teacher ({len(t.architectures)}; an empty entry trains that one from scratch)")
     for path in t.pretrained:
         p.require(not path or pathlib.Path(path).expanduser().is_file(), "teachers.pretrained", path, "no such file")
-    if any(settings_lib.get(s).teachers == "single" for s in settings if s in settings_lib.REGISTRY):
+    # A full-split teacher takes the seed and weight file of the first subset teacher of its architecture.
+    if {"single", "single_full"} & {settings_lib.get(s).teachers for s in settings if s in settings_lib.REGISTRY}:
         p.require(t.single_teacher in t.architectures, "teachers.single_teacher", t.single_teacher,
                   f"baseline II's teacher must be among --teachers.architectures ({','.join(t.architectures)})")
 
