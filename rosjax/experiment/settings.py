@@ -1,4 +1,4 @@
-"""The registry of an experiment's settings: baselines I–V and RoS-KD, one entry each.
+"""The registry of an experiment's settings: baselines I–V, RoS-KD and their protocol variants, one entry each.
 
 Every stage reads this table and nothing else about settings: the CLI (which names exist),
 training (which teachers, which step, smoothing or not), the artifacts (where a setting's
