@@ -79,6 +79,7 @@ class TeachersConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     student: str = "resnet18"          # Student architecture (paper default: ResNet-18).
+    pretrained: str = ""               # Torchvision-layout weight file every student of --distill.student starts from ("": scratch).
     tau: float = 0.5                   # Softening temperature τ of teachers and student (paper: 0.5).
     alpha: float = 0.9                 # Weight of the KD term against the hard-label term (paper: 0.9).
     weighting: str = "exponential"     # RoS-KD teacher weights: w_m ~ Exp(1) every step.
@@ -89,7 +90,7 @@ class DistillConfig:
     cache_batch_size: int = 256        # Cached outputs: images per teacher forward while building the cache.
     warmup_epochs: int = 10            # Epochs before M_smooth starts averaging (paper: 10).
     bn_mode: str = "recalibrate"       # M_smooth BatchNorm: "recalibrate" (pass over train data) or "average".
-    recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics.
+    recalibration_batches: int = 50    # Training batches used to recompute M_smooth's BatchNorm statistics (0: a full pass).
     rl_equal_epochs: int = 10          # Baseline IV: epochs of equal-weight distillation before the agent acts.
     rl_learning_rate: float = 1e-3     # Baseline IV: Adam learning rate of the selection policy.
     rl_baseline_decay: float = 0.9     # Baseline IV: decay of the moving-average reward baseline.
@@ -113,7 +114,8 @@ class SweepConfig:
     overlaps: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Figure 3: teacher-subset overlap ratios.
     students: tuple[str, ...] = PAPER_TEACHERS  # Figure 2: student architectures (RoS-KD vs baseline III).
     normalizations: tuple[str, ...] = ("none", "sum1", "sumk", "per_example")  # Teacher-weight variants.
-    fold_seeds: tuple[int, ...] = (0, 1, 2)  # Table III (NIH): split seeds of the independent runs.
+    fold_seeds: tuple[int, ...] = (0, 1, 2)  # Table III (NIH): split seeds of the patient-grouped re-splits.
+    fold_student: str = "densenet121"  # Table III (NIH): the re-splits' student (paper: DenseNet-121, AUROC 0.838).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

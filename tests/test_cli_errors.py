@@ -36,6 +36,7 @@ def run_cli(tmp_path, *argv):
     ("--distill.alpha=2", "--distill.alpha=2.0: must be in [0, 1]"),
     ("--distill.normalize=sum_1", "--distill.normalize=sum_1: expected one of"),
     ("--distill.warmup_epochs=3", "--distill.warmup_epochs=3: must be in 0..2"),
+    ("--distill.recalibration_batches=-1", "--distill.recalibration_batches=-1: must be >= 0"),
     ("--optim.learning_rate=-0.1", "--optim.learning_rate=-0.1: must be >= 0"),
     ("--optim.epochs=0", "--optim.epochs=0: must be >= 1"),
     ("--optim.batch_size=0", "--optim.batch_size=0: must be >= 1"),
@@ -45,12 +46,14 @@ def run_cli(tmp_path, *argv):
     ("--distill.student=resnet19", "--distill.student=resnet19: expected one of resnet18"),
     ("--teachers.architectures=resnet18,vgg16,densenet121", "--teachers.architectures=vgg16: expected one of"),
     ("--sweeps.normalizations=none,per_step", "--sweeps.normalizations=per_step: expected one of"),
+    ("--sweeps.fold_student=vgg16", "--sweeps.fold_student=vgg16: expected one of"),
     ("--settings=baseline_i,baseline_vi", "--settings=baseline_vi: unknown setting"),
     ("--data.noise=symmetric", None),  # valid with a rate: the control case
     ("--data.noise_rate=0.3", "--data.noise_rate=0.3: needs --data.noise"),
     ("--data.noise=flip", "--data.noise=flip: isic2019 takes symmetric or pair noise"),
     ("--dtype=float16", "--dtype=float16: expected one of float32, bfloat16"),
     ("--teachers.pretrained=a.npz,,,,", "--teachers.pretrained=a.npz: no such file"),
+    ("--distill.pretrained=a.npz", "--distill.pretrained=a.npz: no such file"),
     ("--data.download=sometimes", "--data.download=sometimes: expected one of auto, never"),
 ])
 def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, option, culprit):

@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"teachers.architectures": "tiny_cnn,tiny_cnn,tiny_cnn", "teachers.single_teacher": "tiny_cnn",
         "distill.student": "tiny_cnn", "optim.epochs": "3", "distill.warmup_epochs": "1",
         "sweeps.overlaps": "0.0,0.4", "sweeps.students": "tiny_cnn", "sweeps.normalizations": "none,sum1",
-        "sweeps.fold_seeds": "0,1"}
+        "sweeps.fold_seeds": "0,1", "sweeps.fold_student": "tiny_cnn"}
 
 
 def tiny_config(get_config, **extra):
@@ -117,11 +117,13 @@ def lesion_run(tmp_path_factory):
 def test_lesion_run_reports_every_setting(lesion_run):
     workdir, report = lesion_run
     settings = report["settings"]
-    for name in ("baseline_i", "baseline_ii", "baseline_iii", "baseline_iv", "baseline_v", "ros_kd"):
+    for name in ("baseline_i", "baseline_ii", "baseline_ii_subset", "baseline_iii", "baseline_iii_full",
+                 "baseline_iv", "baseline_v", "ros_kd"):
         test = settings[name]["test"]
         assert 0.0 <= test["f1_macro"] <= 1.0 and test["num_examples"] == report["data"]["split_sizes"]["test"]
     assert set(report["data"]["group_overlap"].values()) == {0}
-    assert [t["architecture"] for t in report["teachers"]] == ["tiny_cnn"] * 3
+    assert [t["architecture"] for t in report["teachers"]] == ["tiny_cnn"] * 4  # 3 subset teachers, 1 full-split
+    assert report["teachers"][-1]["train_examples"] == report["data"]["split_sizes"]["train"]
     assert set(report["robustness"]) and set(report["landscape"]) == {"baseline_iii", "ros_kd"}
     markdown = (workdir / "report.md").read_text()
     assert "Table I" in markdown and "Table II" in markdown and "RoS-KD (M_smooth)" in markdown
@@ -173,13 +175,14 @@ def test_nih_run_with_sweeps_and_folds(tmp_path):
                                                "report"], settings=settings_lib.requested(cfg))
     assert report["data"]["multilabel"] and len(report["data"]["class_names"]) == 8
     assert report["settings"]["ros_kd"]["test"]["num_classes"] == 8
+    assert len(report["settings"]["ros_kd"]["test_tuned"]["thresholds"]) == 8  # tuned on validation
     assert report["settings"]["baseline_i"]["status"] == "not run"
     assert set(report["sweeps"]) == {"overlap", "student", "weights"}
     assert set(report["sweeps"]["overlap"]["points"]) == {"0.0", "0.4"}
     folds = report["folds"]
     assert folds["runs"] == 2 and len(folds["auroc_mean"]) == 8
     markdown = (tmp_path / "report.md").read_text()
-    assert "Table III" in markdown and "Sweep" in markdown
+    assert "Table III" in markdown and "Sweep" in markdown and "Multi-label decision thresholds" in markdown
     # Every sweep point and fold is a finished stage now: a rerun only reads them back.
     started = time.perf_counter()
     again = runner.run(cfg, tmp_path, stages=["sweeps", "folds", "report"], settings=settings_lib.requested(cfg))
@@ -244,3 +247,35 @@ def test_teachers_start_from_given_weights(tmp_path):
     _, trained, _ = load_setting(tmp_path / "run", "teacher:0")
     np.testing.assert_array_equal(np.asarray(trained["params"]["conv1"]["kernel"]),
                                   weights["params"]["conv1"]["kernel"])
+
+
+def test_students_start_from_given_weights(tmp_path):
+    """--distill.pretrained: the students (KD and RL trainers) start from the file's weights (lr 0 keeps them)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from rosjax import models  # noqa: PLC0415
+    from rosjax.experiment.artifacts import load_setting  # noqa: PLC0415
+    from rosjax.models import pretrained  # noqa: PLC0415
+
+    model = models.create("tiny_cnn", 8)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    rng = np.random.default_rng(1)
+    weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    weights["batch_stats"] = jax.tree.map(np.abs, weights["batch_stats"])  # variances must be positive
+    path = tmp_path / "tiny.npz"
+    pretrained.save_torchvision_weights("tiny_cnn", weights, path)
+
+    cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "tiny_cnn", "distill.pretrained": str(path),
+                                            "optim.learning_rate": "0", "optim.weight_decay": "0",
+                                            "optim.epochs": "1", "optim.milestones": "",
+                                            "distill.warmup_epochs": "0", "distill.rl_equal_epochs": "0"})
+    with pytest.raises(ConfigError, match="distill.pretrained=missing.npz: no such file"):
+        runner.run(C.apply_overrides(cfg, {"distill.pretrained": "missing.npz"}), tmp_path / "bad",
+                   stages=["settings"], settings=["baseline_i"])
+    runner.run(cfg, tmp_path / "run", stages=["data", "teachers", "settings"], settings=["baseline_i", "baseline_iv"])
+    for setting in ("baseline_i", "baseline_iv"):
+        _, trained, _ = load_setting(tmp_path / "run", setting)
+        for layer in trained["params"]:
+            for name, value in trained["params"][layer].items():
+                np.testing.assert_array_equal(np.asarray(value), weights["params"][layer][name], err_msg=setting)

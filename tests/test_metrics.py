@@ -14,7 +14,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from rosjax.eval.metrics import classification_metrics, scores_from_logits, sigmoid, softmax, tune_thresholds
+from rosjax.eval.metrics import (
+    classification_metrics,
+    scores_from_logits,
+    sigmoid,
+    softmax,
+    tune_thresholds,
+    tuned_metrics,
+)
 
 
 def one_label_data(rng, n=200, c=5, absent=()):
@@ -117,6 +124,28 @@ def test_per_class_thresholds_and_tuning():
     pred = (scores >= thresholds[None, :]).astype(int)
     np.testing.assert_allclose(m["f1_macro"], sk_prf(y, pred, [0, 1, 2, 3, 5])[2])
     assert m["f1_macro"] >= classification_metrics(y, scores, multilabel=True)["f1_macro"]
+
+
+def test_tuned_metrics_tune_on_validation_and_score_test():
+    """Thresholds from a brute-force search with scikit-learn's f1_score over every validation
+    score (ties to the highest), then scikit-learn's macro F1 of the test split at them."""
+    rng = np.random.default_rng(11)
+    val_y, val_scores = multi_label_data(rng, n=120, c=4, no_positives=(3,))
+    test_y, test_scores = multi_label_data(rng, n=150, c=4)
+    ref = np.full(4, 0.5)
+    for k in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            f1s = {t: f1_score(val_y[:, k], val_scores[:, k] >= t, zero_division=0)
+                   for t in np.unique(val_scores[:, k])}
+        best = max(f1s.values())
+        ref[k] = max(t for t, f in f1s.items() if f == best)
+    m = tuned_metrics(val_y, val_scores, test_y, test_scores, class_names=list("abcd"))
+    np.testing.assert_allclose(m["thresholds"], ref)
+    pred = (test_scores >= ref[None, :]).astype(int)
+    np.testing.assert_allclose(m["f1_macro"], sk_prf(test_y, pred, [0, 1, 2, 3])[2])
+    np.testing.assert_allclose(m["per_class"]["b"]["f1"], f1_score(test_y[:, 1], pred[:, 1]))
+    json.dumps(m, allow_nan=False)
 
 
 def test_auroc_with_ties_matches_sklearn():

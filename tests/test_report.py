@@ -23,9 +23,13 @@ def _rows(markdown, heading):
     return rows[1:]  # without the header
 
 
-PAPER_ORDER = ["Baseline I (CE only)", "Baseline II (Hinton KD, one teacher)",
-               "Baseline III (equal-weight teachers)", "Baseline IV (RL teacher selection)",
-               "Baseline V (RoS-KD, no smoothing)", "RoS-KD (M_smooth)"]
+PAPER_ORDER = ["Baseline I (CE only)", "Baseline II (Hinton KD, one teacher on the full training split)",
+               "Baseline II, one subset teacher (Hinton KD)", "Baseline III (equal-weight teachers)",
+               "Baseline III, traditional (equal-weight teachers on the full training split)",
+               "Baseline IV (RL teacher selection)", "Baseline V (RoS-KD, no smoothing)", "RoS-KD (M_smooth)",
+               "RoS-KD (M_smooth), unnormalised Exp(1) weights (the paper's formula)",
+               "RoS-KD (M_smooth), Exp(1) weights rescaled to sum K",
+               "RoS-KD (M_smooth), Exp(1) weights rescaled to sum 1 (Dirichlet)"]
 
 
 def test_table_i_lists_every_setting_in_the_papers_order(tmp_path):
@@ -107,3 +111,23 @@ def test_one_seed_keeps_the_plain_table_and_adds_the_intervals():
     assert "±" not in markdown
     (compared,) = _rows(markdown, "## Table I: RoS-KD (M_smooth) against each baseline")
     assert compared[3] == "[-0.050, +0.200]" and compared[5] == "[+0.050, +0.200] *"
+
+
+
+def test_multi_label_report_shows_f1_at_05_and_at_tuned_thresholds():
+    """Table I keeps threshold 0.5; a second table puts the validation-tuned F1 beside it."""
+    tuned = {**_metrics(0.41, 0.52, 0.44), "thresholds": [0.2, 0.3]}
+    report = {"settings": {"baseline_i": {"title": "Baseline I (CE only)", "test": _metrics(0.3, 0.1, 0.12),
+                                          "test_tuned": tuned},
+                           "ros_kd": {"title": "RoS-KD (M_smooth)", "test": _metrics(0.5, 0.2, 0.21),
+                                      "test_tuned": {**tuned, "f1_macro": 0.47}}},
+              "table_i_order": ["baseline_i", "ros_kd"]}
+    markdown = report_lib.render_markdown(report)
+    assert {r[0]: r[3] for r in _rows(markdown, "## Table I")} == {"Baseline I (CE only)": "0.120",
+                                                                   "RoS-KD (M_smooth)": "0.210"}
+    assert _rows(markdown, "## Multi-label decision thresholds") == [
+        ["Baseline I (CE only)", "0.120", "0.410", "0.520", "0.440"],
+        ["RoS-KD (M_smooth)", "0.210", "0.410", "0.520", "0.470"]]
+    assert "at least 0.5" in markdown
+    one_label = {"settings": {"ros_kd": {"title": "RoS-KD", "test": _metrics(0.5, 0.5, 0.5)}}}
+    assert "decision thresholds" not in report_lib.render_markdown(one_label)

@@ -108,7 +108,7 @@ def test_rl_kd_loss_matches_numpy(multilabel):
     s = rng.normal(size=(b, c)).astype(np.float32)
     t = 2 * rng.normal(size=(k, b, c)).astype(np.float32)
     y = _labels(rng, b, c, multilabel)
-    # example 0: all teachers, 1: teacher 1 only, 2: none (pure CE), 3: teachers 0 and 2.
+    # example 0: all teachers, 1: teacher 1 only, 2: none ((1 - alpha) CE), 3: teachers 0 and 2.
     actions = np.array([[1, 0, 0, 1], [1, 1, 0, 0], [1, 0, 0, 1]], bool)
     loss_fn = jax.jit(functools.partial(rl_policy.rl_kd_loss, tau=tau, alpha=alpha,
                                         multilabel=multilabel))
@@ -118,7 +118,7 @@ def test_rl_kd_loss_matches_numpy(multilabel):
     per_example = np.array([
         alpha * kd[:, 0].mean() + (1 - alpha) * ce[0],
         alpha * kd[1, 1] + (1 - alpha) * ce[1],
-        ce[2],
+        (1 - alpha) * ce[2],
         alpha * (kd[0, 3] + kd[2, 3]) / 2 + (1 - alpha) * ce[3],
     ])
     np.testing.assert_allclose(float(loss), per_example.mean(), rtol=1e-5)
@@ -127,6 +127,16 @@ def test_rl_kd_loss_matches_numpy(multilabel):
     np.testing.assert_allclose(float(aux["kd"]), kd_ref, rtol=1e-5)
     np.testing.assert_allclose(float(aux["selected_frac"]), 6 / 12, rtol=1e-6)
     np.testing.assert_allclose(float(aux["none_frac"]), 1 / 4, rtol=1e-6)
+
+
+def test_rl_kd_loss_no_teacher_keeps_the_ce_weight():
+    """Dropping every teacher leaves (1 - alpha) * CE: the CE weight never rises (10x at alpha = 0.9)."""
+    rng = np.random.default_rng(7)
+    s, t = rng.normal(size=(5, 3)), rng.normal(size=(2, 5, 3))
+    y = rng.integers(0, 3, 5).astype(np.int32)
+    loss_fn = jax.jit(functools.partial(rl_policy.rl_kd_loss, tau=1.0, alpha=0.9, multilabel=False))
+    loss, _ = loss_fn(s, t, y, np.zeros((2, 5), bool))
+    np.testing.assert_allclose(float(loss), 0.1 * _np_ce(s, y, False).mean(), rtol=1e-5)
 
 
 def test_rl_kd_loss_all_selected_is_equal_weight_kd():

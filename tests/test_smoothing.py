@@ -1,11 +1,14 @@
 """M_smooth: running mean vs an explicit numpy average; BatchNorm recalibration vs statistics
 computed by hand in numpy."""
+import itertools
+
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from rosjax.distill import SmoothState, recalibrate_batch_stats, should_average, smoothing, update_running_mean
+from rosjax.distill import SmoothState, recalibrate_batch_stats, should_average, smoothing, trainer, update_running_mean
+from rosjax.train import parallel
 
 
 def test_should_average_schedule():
@@ -134,3 +137,21 @@ def test_recalibration_needs_batches():
     variables = jax.jit(model.init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_batch_stats(model, variables["params"], variables["batch_stats"], [])
+
+
+def test_full_pass_recalibration_uses_one_epoch_of_batches():
+    """--distill.recalibration_batches=0: the statistics are the mean over exactly one epoch's batches
+    (torch's update_bn over the train loader), here 3 of an endless cycle over 3 batches."""
+    rng = np.random.default_rng(5)
+    model = TinyBNNet()
+    batches = [{"image": rng.random((4, 6, 6, 2)).astype(np.float32) + i, "label": np.zeros(4, np.int32)}
+               for i in range(3)]  # shifted inputs: any other number of batches gives other statistics
+    variables = jax.jit(model.init)(jax.random.key(1), batches[0]["image"])
+    smooth = SmoothState.create(variables["params"]).update(variables["params"])
+    out = trainer.smoothed_variables(model, smooth, variables, trainer.SmoothSpec(recalibration_batches=0),
+                                     lambda: itertools.cycle(batches), parallel.make_mesh(), steps_per_epoch=3)
+    per_batch = [_numpy_batch_stats(variables["params"], b["image"]) for b in batches]
+    for layer in ("bn1", "bn2"):
+        for i, name in enumerate(("mean", "var")):
+            ref = np.mean([s[layer][i] for s in per_batch], axis=0)
+            np.testing.assert_allclose(out["batch_stats"][layer][name], ref, rtol=1e-4, atol=1e-5)

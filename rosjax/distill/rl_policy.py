@@ -38,7 +38,10 @@ What is ours:
   * a one-hot of the teacher index is appended to the state, so one shared linear policy can
     prefer some teachers (GKD gets the same effect with one output unit per teacher);
   * the KD term of an example is the mean over its selected teachers (GKD divides by K
-    instead); an example with no teacher selected gets the pure hard-label loss (weight 1);
+    instead); an example with no teacher selected keeps only its hard-label term (1 - alpha) * CE,
+    the weight CE has in every other example, so dropping teachers never raises the CE weight
+    (a pure-CE fallback would weigh it 1 / (1 - alpha) times more, 10x at alpha = 0.9, and pay
+    the agent for dropping teachers);
   * log pi in the policy gradient (GKD differentiates pi itself, which is not REINFORCE) and a
     moving-average reward baseline (an addition to Yuan et al.), initialised with the first
     reward so the first update is not biased by a zero baseline;
@@ -132,7 +135,7 @@ def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, m
 
     Per example b with selected set S_b (n_b = |S_b|):
       n_b > 0:  alpha * (1/n_b) sum_{k in S_b} tau^2 KL(q_k || p) + (1 - alpha) * CE
-      n_b = 0:  CE                      (falls back to the pure hard-label loss)
+      n_b = 0:  (1 - alpha) * CE        (the hard-label term alone, at its usual weight)
     where CE is softmax cross-entropy (one-label) or BCE summed over labels (multi-label).
 
     Args:
@@ -160,7 +163,7 @@ def rl_kd_loss(student_logits, teacher_logits, labels, actions, *, tau, alpha, m
     kd = jnp.sum(select_weights(actions) * kl, axis=0)  # [B]
     ce = supervised_per_example(s, labels, multilabel=multilabel, class_weights=class_weights)  # [B]
     any_selected = jnp.any(actions, axis=0)  # [B]
-    per_example = jnp.where(any_selected, alpha * kd + (1.0 - alpha) * ce, ce)  # [B]
+    per_example = alpha * kd + (1.0 - alpha) * ce  # [B]; kd is 0 where no teacher is selected
     aux = {"ce": jnp.mean(ce), "kd": jnp.mean(kd),
            "selected_frac": jnp.mean(jnp.asarray(actions, jnp.float32)),
            "none_frac": 1.0 - jnp.mean(any_selected.astype(jnp.float32))}

@@ -253,7 +253,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                      kd: KDSpec = KDSpec(weighting="equal"), rl: RLSpec = RLSpec(), seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                      mesh: jax.sharding.Mesh | None = None, compile_only: bool = False,
-                     class_weights=None) -> RLStudentResult | None:
+                     class_weights=None, load_weights: Callable[[dict], dict] | None = None) -> RLStudentResult | None:
     """Trains baseline IV's student and exports it (and the agent) to `<workdir>/final`.
 
     Args:
@@ -271,6 +271,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       rl: the agent and the length of stage 1.
       compile_only: only compile the step (`parallel.compile_step`, for compiling ahead) and return None.
       class_weights: optional host array [C] weighting the student's CE term (None: unweighted).
+      load_weights: the student's starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
     """
     if not teachers:
         raise ValueError("baseline IV needs at least one teacher")
@@ -282,7 +283,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         log.warning("baseline IV: --distill.rl_equal_epochs=%d >= --optim.epochs=%d, the agent "
                     "never acts and this run is baseline III", rl.equal_epochs, optim_cfg.epochs)
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
-                    seed=seed, mesh=mesh)
+                    seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, student, init_key, run_key, schedule = run.mesh, run.state, run.init_key, run.run_key, run.schedule
 
     apply_fns = tuple(apply for apply, _ in teachers)

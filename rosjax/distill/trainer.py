@@ -50,7 +50,7 @@ class SmoothSpec:
     """M_smooth: running mean of the weights from the end of epoch `warmup_epochs` (0-based) on."""
     warmup_epochs: int = 10
     bn_mode: str = "recalibrate"     # "recalibrate" or "average"
-    recalibration_batches: int = 50
+    recalibration_batches: int = 50  # 0: one full pass over the training split (an epoch's batches)
 
     def __post_init__(self):
         if self.bn_mode not in ("recalibrate", "average"):
@@ -71,7 +71,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                   smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
                   cached_teacher_outputs: bool = False, seed: int = 0,
                   loop_cfg: loop.LoopConfig = loop.LoopConfig(),
-                  mesh: jax.sharding.Mesh | None = None, class_weights=None) -> StudentResult:
+                  mesh: jax.sharding.Mesh | None = None, class_weights=None,
+                  load_weights: Callable[[dict], dict] | None = None) -> StudentResult:
     """Trains a student and exports it (and M_smooth) to `<workdir>/final`.
 
     Args:
@@ -90,9 +91,10 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
       class_weights: optional host array [C] weighting the CE term (`rosjax.losses.class_weights`);
         None: the paper's unweighted CE.
+      load_weights: the student's starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
     """
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
-                    seed=seed, mesh=mesh)
+                    seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
 
     if teachers:
@@ -132,7 +134,7 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     smooth_variables = None
     if smooth is not None:
         smooth_variables = smoothed_variables(model, result.extras[SMOOTH_KEY], variables, smooth,
-                                              make_recalibration_batches, mesh)
+                                              make_recalibration_batches, mesh, steps_per_epoch=steps_per_epoch)
         checkpoint.save_variables(final / "smooth", smooth_variables)
     return StudentResult(variables=variables, smooth_variables=smooth_variables, fit=result)
 
@@ -145,8 +147,13 @@ def _average_in(smooth_state: smoothing.SmoothState, params: Any, batch_stats: A
 
 def smoothed_variables(model: nn.Module, smooth_state: smoothing.SmoothState, student_variables: dict,
                        spec: SmoothSpec, make_batches: Callable[[], Iterator] | None,
-                       mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """M_smooth's variables: the averaged params with recalibrated (or averaged) BatchNorm statistics."""
+                       mesh: jax.sharding.Mesh, *, steps_per_epoch: int) -> dict[str, Any]:
+    """M_smooth's variables: the averaged params with recalibrated (or averaged) BatchNorm statistics.
+
+    Recalibration reads the first `spec.recalibration_batches` batches of `make_batches()`, or with 0
+    the first `steps_per_epoch` (one epoch of the training iterator: every training example once, up
+    to the incomplete last batch an epoch drops), like torch's `update_bn` over the train loader.
+    """
     if int(smooth_state.count) == 0:
         raise ValueError(f"M_smooth averaged no snapshot: the run has no epoch after the warm-up of "
                          f"{spec.warmup_epochs} epochs (--distill.warmup_epochs must be < --optim.epochs)")
@@ -155,6 +162,6 @@ def smoothed_variables(model: nn.Module, smooth_state: smoothing.SmoothState, st
     if make_batches is None:
         raise ValueError("bn_mode='recalibrate' needs make_recalibration_batches")
     batches = (parallel.shard_batch({"image": b["image"]}, mesh)
-               for b in itertools.islice(make_batches(), spec.recalibration_batches))
+               for b in itertools.islice(make_batches(), spec.recalibration_batches or steps_per_epoch))
     stats = smoothing.recalibrate_batch_stats(model, smooth_state.params, student_variables["batch_stats"], batches)
     return {"params": smooth_state.params, "batch_stats": stats}

@@ -54,8 +54,11 @@ def write_spec(folder: pathlib.Path, spec: dict[str, Any]) -> None:
 
 
 def model_folder(workdir: str | pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """(spec folder, variables folder) of a setting name or `teacher:<i>`."""
+    """(spec folder, variables folder) of a setting name, `teacher:<i>` or `teacher:full_<arch>`."""
     root = pathlib.Path(workdir).expanduser()
+    if name.startswith("teacher:full_"):  # a full-split teacher (`training.teacher_folder`)
+        folder = root / "teachers" / name.split(":", 1)[1]
+        return folder, folder / "final"
     if name.startswith("teacher:"):
         index = int(name.split(":", 1)[1])
         matches = sorted((root / "teachers").glob(f"{index}-*"))

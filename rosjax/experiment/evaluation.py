@@ -57,7 +57,7 @@ def evaluate_all(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentDa
         results["settings"][name] = cached(wd.path("eval", f"{name}.json"),
                                            functools.partial(score_setting, cfg, wd, data, name, mesh))
         if not predictions_path(wd.root, name).exists():  # scored by a version that did not store them
-            predict_test_split(cfg, wd, data, name, mesh)
+            predict_split(cfg, wd, data, name, mesh)
 
     compared = [s for s in settings_lib.COMPARED if s in settings_to_evaluate(settings)]
     if analyses and compared:
@@ -72,16 +72,24 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                   mesh) -> dict[str, Any]:
     """Test metrics of one model, plus the collapse checks of `rosjax.eval.collapse`.
 
-    Returns {'test': metrics (as `training.test_metrics`), 'collapse_check': prediction
-    statistics}, and 'collapsed': {symptom: description} when the test predictions are constant
-    or the training run's gradients died (logged as a WARNING naming the setting).
+    Returns {'test': metrics (as `training.test_metrics`, multi-label at threshold 0.5),
+    'collapse_check': prediction statistics}, for a multi-label task 'test_tuned' (the test
+    metrics at per-class thresholds tuned on the validation split), and 'collapsed': {symptom:
+    description} when the test predictions are constant or the training run's gradients died
+    (logged as a WARNING naming the setting).
     """
-    out = predict_test_split(cfg, wd, data, name, mesh)
-    scores = metrics.scores_from_logits(out["logits"], multilabel=data.multilabel)
+    def split_scores(split):  # (the stored outputs, probabilities [N, C]) of one split
+        out = predict_split(cfg, wd, data, name, mesh, split)
+        return out, metrics.scores_from_logits(out["logits"], multilabel=data.multilabel)
+    out, scores = split_scores("test")
     test = {**metrics.classification_metrics(out["label"], scores, multilabel=data.multilabel,
                                              class_names=data.dataset.class_names),
             "loss": float(np.mean(out["loss"]))}
     result = {"test": test, "collapse_check": collapse.prediction_stats(scores, multilabel=data.multilabel)}
+    if data.multilabel:  # Table I shows 0.5 ('test'); the report adds F1 at thresholds tuned on validation
+        val_out, val_scores = split_scores("validation")
+        result["test_tuned"] = metrics.tuned_metrics(val_out["label"], val_scores, out["label"], scores,
+                                                     class_names=data.dataset.class_names)
     trained = settings_lib.get(name).folder  # baseline V's run is RoS-KD's
     symptoms = {**collapse.prediction_symptoms(scores, multilabel=data.multilabel),
                 **collapse.gradient_symptoms(
@@ -92,23 +100,23 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     return result
 
 
-def predictions_path(root: pathlib.Path, name: str) -> pathlib.Path:
-    """Where a setting's test-split outputs are stored: `eval/<name>.test.npz`."""
-    return pathlib.Path(root) / "eval" / f"{name}.test.npz"
+def predictions_path(root: pathlib.Path, name: str, split: str = "test") -> pathlib.Path:
+    """Where a setting's outputs on one split are stored: `eval/<name>.<split>.npz`."""
+    return pathlib.Path(root) / "eval" / f"{name}.{split}.npz"
 
 
-def predict_test_split(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, name: str,
-                     mesh) -> dict[str, np.ndarray]:
-    """The setting's test-split outputs {'logits' [N, C], 'label' [N] or [N, C], 'loss' [N]}, in
-    test-split order; inferred once and stored in `eval/<name>.test.npz`, which the report's
-    paired bootstrap reads (rosjax.experiment.seeds) without re-inference."""
-    path = predictions_path(wd.root, name)
+def predict_split(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, name: str,
+                  mesh, split: str = "test") -> dict[str, np.ndarray]:
+    """The setting's outputs on `split` {'logits' [N, C], 'label' [N] or [N, C], 'loss' [N]}, in
+    split order; inferred once and stored in `eval/<name>.<split>.npz`: the report's paired
+    bootstrap (rosjax.experiment.seeds) reads the test outputs without re-inference."""
+    path = predictions_path(wd.root, name, split)
     if path.exists():
         with np.load(path) as stored:
             return {k: stored[k] for k in stored.files}
     model, variables, _ = artifacts.load_setting(wd.root, name)
     predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
-    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits["test"]))
+    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits[split]))
     buffer = io.BytesIO()
     np.savez(buffer, **out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,9 @@ def _train_and_score(cfg: ExperimentConfig, wd: Workdir, data: data_lib.Experime
                      stages: Sequence[str], settings: Sequence[str], teacher: int | None, analyses: bool) -> None:
     """The teachers, settings and evaluate stages of one seed's run (`analyses`: attacks, landscapes)."""
     if "teachers" in stages:
-        indices = [teacher] if teacher is not None else range(len(cfg.teachers.architectures))
+        # Subset teachers by index, then the full-split teachers the settings name (by architecture).
+        indices = [teacher] if teacher is not None else [*range(len(cfg.teachers.architectures)),
+                                                         *settings_lib.full_teachers(cfg, settings)]
         compiler = training.teacher_compiler(cfg, wd, data, indices, mesh)
         try:
             for i in indices:
@@ -128,17 +130,19 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
         report["data"] = read_json(summary_path)
     report["teachers"] = [r for i, arch in enumerate(cfg.teachers.architectures)
                           if (r := done(wd.root / "teachers" / f"{i}-{arch}")) is not None]
+    report["teachers"] += [r for arch in dict.fromkeys(cfg.teachers.architectures)
+                           if (r := done(wd.root / "teachers" / f"full_{arch}")) is not None]
     roots = {seed: seeds_lib.seed_root(wd.root, cfg, seed) for seed in seeds_lib.seed_list(cfg)}
     if len(roots) > 1:
         report["seeds"] = list(roots)
         report["main_seed"] = cfg.seed
-        report["settings"] = seeds_lib.aggregate({seed: _setting_records(root) for seed, root in roots.items()})
+        report["settings"] = seeds_lib.aggregate({seed: _setting_records(cfg, root) for seed, root in roots.items()})
         report["seed_runs"] = {str(seed): {"workdir": str(root.relative_to(wd.root)) if root != wd.root else ".",
                                            "teachers": [r for i, arch in enumerate(cfg.teachers.architectures)
                                                         if (r := done(root / "teachers" / f"{i}-{arch}")) is not None]}
                                for seed, root in roots.items()}
     else:
-        report["settings"] = _setting_records(wd.root)
+        report["settings"] = _setting_records(cfg, wd.root)
     report["table_i_order"] = list(report["settings"])  # JSON sorts keys; re-rendering keeps this order
     report["cost_reference"] = settings_lib.METHOD
     comparisons = seeds_lib.compare(roots, settings_lib.METHOD,
@@ -154,7 +158,7 @@ def build_report(cfg: ExperimentConfig, wd: Workdir) -> dict:
     return report
 
 
-def _setting_records(root) -> dict:
+def _setting_records(cfg: ExperimentConfig, root) -> dict:
     """Each registry setting's entry of one run: its training record and test metrics, or its status."""
     settings = {}
     for entry in settings_lib.SETTINGS:  # Table I's rows, in its order
@@ -162,7 +166,8 @@ def _setting_records(root) -> dict:
         scored = root / "eval" / f"{entry.name}.json"
         about = {"title": entry.title, **({"trained_by": entry.trained_by} if entry.trained_by else {})}
         if record is None:
-            settings[entry.name] = {**about, "status": "not run"}
+            same = entry.same_run_as(cfg)
+            settings[entry.name] = {**about, "status": f"= {settings_lib.get(same).title}" if same else "not run"}
         elif not scored.exists():
             settings[entry.name] = {**record, **about, "status": "trained, not evaluated"}
         else:

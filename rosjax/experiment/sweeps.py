@@ -9,7 +9,9 @@ main run.
   overlap    teachers retrained on subsets with overlap p; RoS-KD and baseline III at each p
   student    each student architecture distilled from the main teachers, RoS-KD vs baseline III
   weights    RoS-KD with normalised or per-example teacher weights (main teachers)
-  folds      NIH: the whole pipeline on three split seeds; per-class AUROC mean ± std
+  folds      NIH (Table III): the whole pipeline, student `sweeps.fold_student` (the paper's
+             DenseNet-121), on three patient-grouped re-splits (split seeds; not k-fold
+             cross-validation: the test splits may share patients); per-class AUROC mean ± std
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from rosjax.config import ExperimentConfig
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import evaluation, training
 from rosjax.experiment import settings as settings_lib
-from rosjax.experiment.workdir import Workdir, check_config, read_json, write_json
+from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,21 @@ WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
     "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": ("sum1", True)}
 
 
+def student_options(d: config_lib.DistillConfig, student: str) -> config_lib.DistillConfig:
+    """The distillation options with student `student`; --distill.pretrained holds weights of
+    --distill.student only, so a point with another student starts from scratch."""
+    if student != d.student and d.pretrained:
+        log.info("student %s starts from scratch (--distill.pretrained is a %s file)", student, d.student)
+    return dataclasses.replace(d, student=student, pretrained=d.pretrained if student == d.student else "")
+
+
 def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd: Workdir | None) -> dict[str, Any]:
     """Trains and scores one sweep point; `teachers_wd=None` trains the point's own teachers."""
     check_config(wd.root, config_lib.to_dict(cfg))
     data = data_lib.load(cfg)
     if teachers_wd is None:
-        for i in range(len(cfg.teachers.architectures)):
-            training.train_teacher(cfg, wd, data, i, mesh)
+        for key in [*range(len(cfg.teachers.architectures)), *settings_lib.full_teachers(cfg, settings)]:
+            training.train_teacher(cfg, wd, data, key, mesh)
     for setting in settings:
         training.train_setting(cfg, wd, data, setting, mesh, teachers_wd=teachers_wd or wd)
     return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
@@ -63,7 +73,7 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
         "student": _sweep(
             cfg, wd, mesh, main, compared, "student", "student", "Figure 2: student architecture",
             cfg.sweeps.students, str, lambda a: a == d.student,
-            lambda a: dataclasses.replace(cfg, distill=dataclasses.replace(d, student=a)), own_teachers=False),
+            lambda a: dataclasses.replace(cfg, distill=student_options(d, a)), own_teachers=False),
         "weights": _sweep(
             cfg, wd, mesh, main, settings_lib.WEIGHT_OPTIONS, "weights", "teacher weights",
             "Teacher-weight normalisation",
@@ -117,24 +127,34 @@ def _plot_sweep(points: dict[str, dict], shown: list[str], titles: dict[str, str
 
 
 def run_folds(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
-    """Table III: RoS-KD on each split seed; per-class test AUROC mean ± std (sample std, ddof=1)."""
+    """Table III: RoS-KD with student `sweeps.fold_student` on each patient-grouped re-split (one per
+    split seed); per-class test AUROC mean ± std (sample std, ddof=1).
+
+    The main run stands in for the re-split of its own split seed when its student is the folds' one;
+    with another student that re-split still distils the main run's teachers (same split) when trained.
+    """
     (setting,) = settings_lib.FOLDS
+    student = cfg.sweeps.fold_student
     per_run = []
     for seed in cfg.sweeps.fold_seeds:
-        if seed == cfg.data.split_seed and (wd.root / "eval" / f"{setting}.json").exists():
+        own_split = seed == cfg.data.split_seed
+        if own_split and student == cfg.distill.student and (wd.root / "eval" / f"{setting}.json").exists():
             scores = {setting: read_json(wd.root / "eval" / f"{setting}.json")}
         else:
-            log.info("fold with split seed %d", seed)
-            fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=(setting,))
+            log.info("re-split with split seed %d, student %s", seed, student)
+            fcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=seed), settings=(setting,),
+                                       distill=student_options(cfg.distill, student))
+            main_teachers = own_split and all(done(wd.root / "teachers" / f"{i}-{arch}") is not None
+                                              for i, arch in enumerate(cfg.teachers.architectures))
             scores = run_point(fcfg, Workdir(wd.folder("folds", f"seed{seed}")), mesh, settings=(setting,),
-                               teachers_wd=None)
+                               teachers_wd=wd if main_teachers else None)
         per_run.append(scores[setting]["test"])
     names = list(per_run[0]["per_class"])
     table = np.array([[run["per_class"][c]["auroc"] if run["per_class"][c]["auroc"] is not None else np.nan
                        for c in names] for run in per_run], np.float64)  # [runs, C]
     means = np.nanmean(table, axis=1)  # [runs] mean AUROC of each run
     ddof = 1 if len(per_run) > 1 else 0
-    folds = {"setting": settings_lib.get(setting).title, "runs": len(per_run),
+    folds = {"setting": settings_lib.get(setting).title, "student": student, "runs": len(per_run),
              "split_seeds": list(cfg.sweeps.fold_seeds), "class_names": names, "auroc_per_run": table.tolist(),
              "auroc_mean": np.nanmean(table, axis=0).tolist(),
              "auroc_std": np.nanstd(table, axis=0, ddof=ddof).tolist(),

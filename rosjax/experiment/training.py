@@ -133,8 +133,8 @@ class CompileAhead:
 
 def teacher_compiler(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, indices,
                      mesh) -> CompileAhead:
-    """Compiles ahead the train steps of the teachers of `indices` that are still to train."""
-    pending = [i for i in indices if done(wd.teacher_dir(i, cfg.teachers.architectures[i])) is None]
+    """Compiles ahead the train steps of the teachers `indices` (as `train_teacher`) still to train."""
+    pending = [i for i in indices if done(teacher_folder(cfg, wd, i)) is None]
     return CompileAhead([(i, functools.partial(train_teacher, cfg, wd, data, i, mesh, compile_only=True))
                          for i in pending], "teacher-compiler")
 
@@ -148,20 +148,34 @@ def setting_compiler(cfg: ExperimentConfig, wd: Workdir, data: data_lib.Experime
                          for s in pending], "setting-compiler")
 
 
-def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, index: int,
+def teacher_folder(cfg: ExperimentConfig, wd: Workdir, key: int | str) -> pathlib.Path:
+    """teachers/<i>-<arch>/ of subset teacher `key` (an int), teachers/full_<arch>/ of the
+    full-split teacher of architecture `key` (a str)."""
+    if isinstance(key, str):
+        return wd.folder("teachers", f"full_{key}")
+    return wd.teacher_dir(key, cfg.teachers.architectures[key])
+
+
+def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, index: int | str,
                   mesh: jax.sharding.Mesh, compiler: CompileAhead | None = None, *,
                   compile_only: bool = False) -> dict[str, Any] | None:
-    """Trains teacher `index` on its subset (skipped when done); returns its DONE record.
+    """Trains teacher `index` on its subset, or with an architecture name the full-split teacher of
+    that architecture on the whole training split (skipped when done); returns its DONE record.
 
     `compile_only` compiles its train step and returns None (`CompileAhead`'s job).
     """
-    architecture = cfg.teachers.architectures[index]
-    folder = wd.teacher_dir(index, architecture)
-    spec, rows, seed = spec_for(cfg, data, architecture), data.subsets[index], _seed(cfg, "teacher", index)
+    full = isinstance(index, str)
+    architecture = index if full else cfg.teachers.architectures[index]
+    folder = teacher_folder(cfg, wd, index)
+    # A full-split teacher takes the seed (and the weight file) of the first subset teacher of its architecture.
+    first = cfg.teachers.architectures.index(architecture) if full else index
+    rows = data.splits["train"] if full else data.subsets[index]
+    spec, seed = spec_for(cfg, data, architecture), _seed(cfg, "full_teacher" if full else "teacher", first)
     model = artifacts.build_model(spec)
     run = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                image_shape=image_shape(cfg, data), multilabel=data.multilabel, seed=seed, mesh=mesh,
-               load_weights=pretrained_loader(cfg, index), class_weights=class_weights(cfg, data, rows))
+               load_weights=weights_loader(architecture, pretrained_path(cfg, first)),
+               class_weights=class_weights(cfg, data, rows))
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=seed)  # noqa: E731
     if compile_only:
         return classifier.train_classifier(model, make_iter, None, folder, **run, compile_only=True)
@@ -171,14 +185,15 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     if (record := done(folder)) is not None:  # finished by the job that held the claim
         claim.release()
         return record
-    log.info("teacher %d (%s): %d training examples", index, architecture, len(rows))
+    log.info("teacher %s (%s): %d training examples", "full" if full else index, architecture, len(rows))
     artifacts.write_spec(folder, spec)
     if compiler is not None:
         compiler.wait(index)
     result = classifier.train_classifier(model, make_iter, validation_evaluator(cfg, data, mesh), folder, **run,
                                          loop_cfg=loop_config(cfg))
-    record = {"index": index, "architecture": architecture, "train_examples": int(len(rows)),
-              "pretrained": pretrained_path(cfg, index),
+    record = {"index": "full" if full else index, "architecture": architecture, "train_examples": int(len(rows)),
+              "trained_on": "the full training split" if full else f"subset {index}",
+              "pretrained": pretrained_path(cfg, first),
               "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
               "test": test_metrics(cfg, data, model, result.variables, mesh)}
     mark_done(folder, record)
@@ -193,25 +208,32 @@ def pretrained_path(cfg: ExperimentConfig, index: int) -> str | None:
     return str(pathlib.Path(path).expanduser()) if path else None
 
 
-def pretrained_loader(cfg: ExperimentConfig, index: int):
-    """`load_weights` for `train_classifier`: ImageNet weights into a fresh teacher, or None."""
-    path = pretrained_path(cfg, index)
+def student_pretrained_path(cfg: ExperimentConfig) -> str | None:
+    """The torchvision-layout weight file the students start from (--distill.pretrained), or None."""
+    return str(pathlib.Path(cfg.distill.pretrained).expanduser()) if cfg.distill.pretrained else None
+
+
+def weights_loader(architecture: str, path: str | None):
+    """`load_weights` of the trainers (`rosjax.train.start.start_run`): the file `path` into a
+    freshly initialised `architecture`, or None (from scratch)."""
     if path is None:
         return None
-    architecture = cfg.teachers.architectures[index]
     return lambda variables: pretrained.load_torchvision_weights(architecture, variables, path)
 
 
-def load_teachers(cfg: ExperimentConfig, wd: Workdir, indices, mesh) -> list[tuple[Any, Any]]:
-    """(apply_fn, variables) of finished teachers, replicated on the mesh; a clear error if one is missing."""
+def load_teachers(cfg: ExperimentConfig, wd: Workdir, keys, mesh) -> list[tuple[Any, Any]]:
+    """(apply_fn, variables) of finished teachers (subset indices or full-split architectures, as
+    `Setting.teacher_keys`), replicated on the mesh; a clear error if one is missing."""
     teachers = []
-    for i in indices:
-        architecture = cfg.teachers.architectures[i]
-        folder = wd.teacher_dir(i, architecture)
-        if done(folder) is None:
-            raise MissingStageError(f"teacher {i} ({architecture}) has not finished in {wd.root}: run "
-                               f"`--stage teachers` (or `--teacher {i}`) with this work directory first")
-        model, variables, _ = artifacts.load_setting(wd.root, f"teacher:{i}", parallel.replicated(mesh))
+    for key in keys:
+        if done(teacher_folder(cfg, wd, key)) is None:
+            which = (f"the full-split teacher {key}" if isinstance(key, str)
+                     else f"teacher {key} ({cfg.teachers.architectures[key]})")
+            also = "" if isinstance(key, str) else f" (or `--teacher {key}`)"
+            raise MissingStageError(f"{which} has not finished in {wd.root}: run `--stage teachers`{also} "
+                                    "with this work directory first")
+        name = f"teacher:full_{key}" if isinstance(key, str) else f"teacher:{key}"
+        model, variables, _ = artifacts.load_setting(wd.root, name, parallel.replicated(mesh))
         teachers.append((model.apply, variables))
     return teachers
 
@@ -243,23 +265,24 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
             compiler.wait(setting)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
-    indices = entry.teacher_indices(cfg)
-    teachers = load_teachers(cfg, teachers_wd or wd, indices, mesh)
+    keys = entry.teacher_keys(cfg)
+    teachers = load_teachers(cfg, teachers_wd or wd, keys, mesh)
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
     # Baseline IV's agent needs a teacher's pooled features, which the cache does not store.
-    cached = cfg.distill.teacher_outputs == "cached" and bool(indices) and entry.trainer != "rl"
+    cached = cfg.distill.teacher_outputs == "cached" and bool(keys) and entry.trainer != "rl"
     if cached:
-        store = teacher_cache(cfg, teachers_wd or wd, data, mesh)
+        store, picked = teacher_cache(cfg, teachers_wd or wd, data, mesh, keys)
         make_train_iter = lambda: cache_lib.cached_train_iterator(  # noqa: E731
             data.dataset.source, rows, data.train_labels, store, image_size=cfg.data.image_size,
-            batch_size=cfg.optim.batch_size, seed=_seed(cfg, "student", 0), teacher_indices=indices,
+            batch_size=cfg.optim.batch_size, seed=_seed(cfg, "student", 0), teacher_indices=picked,
             num_workers=cfg.data.num_workers)
     else:
         make_train_iter = make_iter
     common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh,
-                  class_weights=class_weights(cfg, data, rows))
+                  class_weights=class_weights(cfg, data, rows),
+                  load_weights=weights_loader(cfg.distill.student, student_pretrained_path(cfg)))
     d = cfg.distill
     if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
@@ -271,16 +294,17 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         if compile_only:
             return None
     else:
-        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting,
-                            per_example=d.per_example if entry.weight_options else False,
-                            normalize=d.normalize if entry.weight_options else "sum1")
+        normalize, per_example = entry.kd_weights(cfg)
+        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting, per_example=per_example,
+                            normalize=normalize)
         smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
                                      recalibration_batches=d.recalibration_batches)
                   if entry.smoothing else None)
         trainer.train_student(model, teachers, make_train_iter, validation_evaluator(cfg, data, mesh), folder,
                               kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
                               cached_teacher_outputs=cached, **common)
-    record = {"setting": setting, "teachers": indices, "student": cfg.distill.student,
+    record = {"setting": setting, "teachers": keys, "student": cfg.distill.student,
+              "pretrained": student_pretrained_path(cfg),
               "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
     if symptoms := collapse.gradient_symptoms(collapse.grad_norms_from_file(folder / loop.METRICS_FILE)):
         log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))
@@ -290,15 +314,26 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     return record
 
 
-def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, mesh) -> cache_lib.TeacherCache:
-    """Every teacher's logits on `cache_views` stored views of the training split (built once, resumable)."""
-    teachers = load_teachers(cfg, wd, range(len(cfg.teachers.architectures)), mesh)
-    return cache_lib.build_teacher_cache(
-        teachers, data.dataset.source, data.splits["train"], image_size=cfg.data.image_size,
-        augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views, seed=_seed(cfg, "student", 0),
-        batch_size=cfg.distill.cache_batch_size, directory=wd.folder("teacher_cache"), mesh=mesh)
+def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, mesh,
+                  keys) -> tuple[cache_lib.TeacherCache, list[int]]:
+    """Teachers' logits on `cache_views` stored views of the training split (built once, resumable),
+    and the positions of the teachers `keys` in it.
+
+    Subset teachers share one cache of all k (teacher_cache/); full-split teachers get one per
+    set of architectures (teacher_cache_full-<arch>-.../).
+    """
+    if all(isinstance(k, int) for k in keys):
+        stored, folder = list(range(len(cfg.teachers.architectures))), "teacher_cache"
+    else:
+        stored, folder = list(keys), "teacher_cache_full-" + "-".join(keys)
+    cache = cache_lib.build_teacher_cache(
+        load_teachers(cfg, wd, stored, mesh), data.dataset.source, data.splits["train"],
+        image_size=cfg.data.image_size, augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views,
+        seed=_seed(cfg, "student", 0), batch_size=cfg.distill.cache_batch_size, directory=wd.folder(folder),
+        mesh=mesh)
+    return cache, [stored.index(k) for k in keys]
 
 
 def _seed(cfg: ExperimentConfig, role: str, index: int) -> int:
     """A distinct, reproducible seed per role and index, derived from the run seed."""
-    return cfg.seed * 1000 + {"teacher": 100, "student": 0}[role] + index
+    return cfg.seed * 1000 + {"teacher": 100, "full_teacher": 200, "student": 0}[role] + index

@@ -229,7 +229,8 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
               f"give one file per teacher ({len(t.architectures)}; an empty entry trains that one from scratch)")
     for path in t.pretrained:
         p.require(not path or pathlib.Path(path).expanduser().is_file(), "teachers.pretrained", path, "no such file")
-    if any(settings_lib.get(s).teachers == "single" for s in settings if s in settings_lib.REGISTRY):
+    # A full-split teacher takes the seed and weight file of the first subset teacher of its architecture.
+    if {"single", "single_full"} & {settings_lib.get(s).teachers for s in settings if s in settings_lib.REGISTRY}:
         p.require(t.single_teacher in t.architectures, "teachers.single_teacher", t.single_teacher,
                   f"baseline II's teacher must be among --teachers.architectures ({','.join(t.architectures)})")
 
@@ -237,6 +238,8 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
 def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     d, epochs = cfg.distill, cfg.optim.epochs
     p.one_of("distill.student", d.student, ARCHITECTURES)
+    p.require(not d.pretrained or pathlib.Path(d.pretrained).expanduser().is_file(), "distill.pretrained",
+              d.pretrained, "no such file")
     p.require(d.tau > 0, "distill.tau", d.tau, "the temperature must be > 0")
     p.require(0 <= d.alpha <= 1, "distill.alpha", d.alpha, "must be in [0, 1]")
     p.one_of("distill.weighting", d.weighting, ("exponential",))
@@ -248,7 +251,8 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(not epoch_bound or 0 <= d.warmup_epochs < epochs, "distill.warmup_epochs", d.warmup_epochs,
               f"must be in 0..{epochs - 1}: M_smooth averages the epochs after the warm-up (--optim.epochs={epochs})")
     p.one_of("distill.bn_mode", d.bn_mode, ("recalibrate", "average"))
-    p.require(d.recalibration_batches >= 1, "distill.recalibration_batches", d.recalibration_batches, "must be >= 1")
+    p.require(d.recalibration_batches >= 0, "distill.recalibration_batches", d.recalibration_batches,
+              "must be >= 0 (0: one full pass over the training split)")
     p.require(not epoch_bound or 0 <= d.rl_equal_epochs < epochs, "distill.rl_equal_epochs", d.rl_equal_epochs,
               f"must be in 0..{epochs - 1}, or the agent never acts (--optim.epochs={epochs})")
     p.require(d.rl_learning_rate > 0, "distill.rl_learning_rate", d.rl_learning_rate, "must be > 0")
@@ -282,6 +286,7 @@ def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir
         p.one_of("sweeps.students", arch, ARCHITECTURES)
     for name in s.normalizations:
         p.one_of("sweeps.normalizations", name, tuple(WEIGHT_VARIANTS))
+    p.one_of("sweeps.fold_student", s.fold_student, ARCHITECTURES)
     p.require(len(s.fold_seeds) >= 1 and all(x >= 0 for x in s.fold_seeds)
               and len(set(s.fold_seeds)) == len(s.fold_seeds), "sweeps.fold_seeds", s.fold_seeds,
               "distinct split seeds >= 0")

@@ -58,9 +58,7 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
       seed: splits into the init key and the run key (dropout).
       loop_cfg: loop options; `best_metric` None picks `default_best_metric(multilabel)`.
       mesh: the data-parallel mesh (default: all devices).
-      load_weights: maps the freshly initialised variables to the starting ones, e.g.
-        ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the
-        momentum buffers start at zero either way. A resumed run restores its checkpoint instead.
+      load_weights: the starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
       compile_only: only compile the train step (`parallel.compile_step`) and return None.
       class_weights: optional host array [C] weighting the loss (`rosjax.losses.class_weights`,
         --optim.class_weighting=balanced); None: the paper's unweighted loss.
@@ -68,11 +66,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
     if evaluate is not None and loop_cfg.best_metric is None:
         loop_cfg = dataclasses.replace(loop_cfg, best_metric=default_best_metric(multilabel))
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
-                    seed=seed, mesh=mesh)
+                    seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
-    if load_weights is not None:
-        loaded = jax.device_put(load_weights(jax.device_get(state.variables)), parallel.replicated(mesh))
-        state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
     step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
                                                         class_weights=class_weights), mesh)
     if compile_only:

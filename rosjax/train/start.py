@@ -8,6 +8,7 @@ models are exported under `<workdir>/FINAL_DIR`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -32,14 +33,21 @@ class RunStart:
 
 
 def start_run(model: nn.Module, *, optim_cfg: OptimConfig, steps_per_epoch: int,
-              image_shape: tuple[int, int, int], seed: int, mesh: jax.sharding.Mesh | None = None) -> RunStart:
+              image_shape: tuple[int, int, int], seed: int, mesh: jax.sharding.Mesh | None = None,
+              load_weights: Callable[[dict], dict] | None = None) -> RunStart:
     """Mesh, batch check, optimiser, keys and initial state of a training run of `model`.
 
     image_shape: (H, W, C) of one input image.
+    load_weights: maps the freshly initialised {'params', 'batch_stats'} to the starting ones, e.g.
+      ImageNet weights (`rosjax.models.pretrained.load_torchvision_weights`); the optimiser state
+      (momentum buffers) starts at zero either way. A resumed run restores its checkpoint instead.
     """
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(optim_cfg.batch_size, mesh)
     tx, schedule = optim.make_optimizer(optim_cfg, steps_per_epoch)
     init_key, run_key = jax.random.split(jax.random.key(seed))
     state = create_train_state(model, tx, init_key, (1, *image_shape), mesh)
+    if load_weights is not None:
+        loaded = jax.device_put(load_weights(jax.device_get(state.variables)), parallel.replicated(mesh))
+        state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
     return RunStart(mesh=mesh, tx=tx, schedule=schedule, state=state, init_key=init_key, run_key=run_key)
