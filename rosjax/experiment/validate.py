@@ -27,9 +27,9 @@ from rosjax.data import noise as noise_lib
 from rosjax.distill import weighting
 from rosjax.errors import UserError
 from rosjax.experiment import settings as settings_lib
-from rosjax.models import MODEL_NAMES
+from rosjax.models import MODEL_NAMES, SMALL_MODEL_NAMES
 
-ARCHITECTURES = (*MODEL_NAMES, "tiny_cnn")
+ARCHITECTURES = (*MODEL_NAMES, *SMALL_MODEL_NAMES)
 DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
             "nih_chestxray14": {"channels": 1, "multilabel": True, "noise": ("flip",)},
             # Your own CSV + images: channels from --data.channels, multi-label with several
