@@ -296,7 +296,8 @@ def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     return cache_lib.build_teacher_cache(
         teachers, data.dataset.source, data.splits["train"], image_size=cfg.data.image_size,
         augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views, seed=_seed(cfg, "student", 0),
-        batch_size=cfg.distill.cache_batch_size, directory=wd.folder("teacher_cache"), mesh=mesh)
+        batch_size=cfg.distill.cache_batch_size, directory=wd.folder("teacher_cache"), mesh=mesh,
+        augment_on=cfg.data.augment_on)
 
 
 def _seed(cfg: ExperimentConfig, role: str, index: int) -> int:
