@@ -314,6 +314,7 @@ def image_batch(images: Sequence[np.ndarray], views: Sequence[AugmentView], rows
 
 
 def check_augment_on(augment_on: str) -> None:
+    """Raises ValueError unless `augment_on` is one of AUGMENT_ON."""
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"augment_on={augment_on!r}: expected one of {', '.join(AUGMENT_ON)}")
 
