@@ -50,6 +50,7 @@ import optax
 
 from rosjax import checkpoint
 from rosjax.config import OptimConfig
+from rosjax.data import device_augment
 from rosjax.distill import rl_policy
 from rosjax.distill.trainer import KDSpec
 from rosjax.train import loop, parallel
@@ -187,6 +188,7 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
                         run_key: jax.Array) -> tuple[RLTrainState, dict[str, jax.Array]]:
         student, policy = state.student, state.policy
         dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, student.step))
+        batch = device_augment.render(batch)  # a shipped batch's views, rendered in the step
         images, labels = batch["image"], batch["label"]
         t_logits, embedding = teacher_outputs(teacher_apply_fns, teachers, images,
                                               embedding_teacher)  # [K, B, C], [B, D]

@@ -9,8 +9,9 @@ parallelism: the student state is donated, the teachers' variables are a separat
 replicated, never-donated argument. A notebook can `jax.jit` it directly.
 
 Teachers run in eval mode on the *same augmented batch* as the student, inside the same jitted
-program. With cached teacher outputs (FKD-style replay, `rosjax.distill.cache`), the batch
-carries `teacher_logits` [K, B, C] instead and no teacher runs.
+program (a shipped batch's views are rendered there first, `rosjax.data.device_augment`).
+With cached teacher outputs (FKD-style replay, `rosjax.distill.cache`), the batch carries
+`teacher_logits` [K, B, C] instead and no teacher runs.
 
 The settings of the paper are all this step with another weighting:
   RoS-KD / baseline V   weighting="exponential"  (w_m ~ Exp(1), redrawn every step)
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from rosjax import losses
+from rosjax.data import device_augment
 from rosjax.distill import weighting
 from rosjax.train import steps as train_steps
 from rosjax.train.state import TrainState
@@ -63,6 +65,7 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
     def distill_step(state: TrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
                      run_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key, weight_key = jax.random.split(train_steps.step_rng(run_key, state.step))
+        batch = device_augment.render(batch)  # a shipped batch's views, rendered in the step
         if "teacher_logits" in batch:
             t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))  # [K, B, C]
         else:

@@ -27,6 +27,7 @@ import jax
 
 from rosjax import checkpoint
 from rosjax.config import OptimConfig
+from rosjax.data import device_augment
 from rosjax.distill import cache, smoothing
 from rosjax.distill.steps import make_distill_step
 from rosjax.train import loop, parallel, steps
@@ -161,7 +162,8 @@ def smoothed_variables(model: nn.Module, smooth_state: smoothing.SmoothState, st
         return {"params": smooth_state.params, "batch_stats": smooth_state.batch_stats}
     if make_batches is None:
         raise ValueError("bn_mode='recalibrate' needs make_recalibration_batches")
-    batches = (parallel.shard_batch({"image": b["image"]}, mesh)
+    pixels = ("image", device_augment.VIEW_KEY)  # the images, or the shipped pixels and views
+    batches = (parallel.shard_batch({k: v for k, v in b.items() if k in pixels}, mesh)
                for b in itertools.islice(make_batches(), spec.recalibration_batches or steps_per_epoch))
     stats = smoothing.recalibrate_batch_stats(model, smooth_state.params, student_variables["batch_stats"], batches)
     return {"params": smooth_state.params, "batch_stats": stats}

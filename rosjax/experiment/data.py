@@ -20,7 +20,7 @@ import numpy as np
 
 from rosjax import atomic
 from rosjax.config import ExperimentConfig
-from rosjax.data import DataError, datasets, noise, pipeline, splits
+from rosjax.data import DataError, datasets, device_augment, noise, pipeline, splits
 from rosjax.data.builder_utils import decode_text
 
 
@@ -279,13 +279,19 @@ def train_iterator(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray
     """Checkpointable iterator of augmented training batches over `rows`, repeated forever."""
     return pipeline.train_iterator(data.dataset.source, rows, data.train_labels, image_size=cfg.data.image_size,
                                    batch_size=cfg.optim.batch_size, seed=seed, augment=augment_config(cfg),
-                                   num_workers=cfg.data.num_workers)
+                                   num_workers=cfg.data.num_workers, augment_on=cfg.data.augment_on)
 
 
-def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None):
-    """Padded, masked evaluation batches over `rows` with the stored (clean) labels."""
-    return pipeline.eval_batches(data.dataset.source, rows, data.dataset.labels, image_size=cfg.data.image_size,
-                                 batch_size=batch_size or cfg.data.eval_batch_size)
+def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None,
+                 rendered: bool = False):
+    """Padded, masked evaluation batches over `rows` with the stored (clean) labels.
+
+    As shipped (`--data.augment_on`; the eval step renders them), or with `rendered` always with
+    float32 [B, S, S, C] images in [0, 1], for code that takes pixels (attacks, loss landscapes).
+    """
+    batches = pipeline.eval_batches(data.dataset.source, rows, data.dataset.labels, image_size=cfg.data.image_size,
+                                    batch_size=batch_size or cfg.data.eval_batch_size, augment_on=cfg.data.augment_on)
+    return map(device_augment.rendered, batches) if rendered else batches
 
 
 def steps_per_epoch(cfg: ExperimentConfig, rows: np.ndarray) -> int:
