@@ -37,7 +37,10 @@ class DataConfig:
     pixel_mean: tuple[float, ...] = (0.5,)  # Per-channel mean subtracted inside the model ([0, 1] pixels).
     pixel_std: tuple[float, ...] = (0.25,)  # Per-channel std divided inside the model.
     num_workers: int = 0               # grain worker processes for decoding/augmentation (0: in-process).
-    augment_on: str = "device"         # Where augmented views are rendered: "device" (in the jitted step) or "host" (PIL).
+    # Where augmented views are rendered: "device" (in the jitted step, from uint8 stored pixels), "host"
+    # (PIL) or "auto": the device on a GPU/TPU, the host on a CPU backend, where the "device" is the host
+    # and rendering inside each program only adds compile time (ResNet-18's train step: 16 s against 10 s).
+    augment_on: str = "auto"
     eval_batch_size: int = 128         # Global batch of evaluation passes (padded, masked).
     download: str = "auto"             # "auto": fetch missing public files; "never": fail at once naming what is missing.
     skip_corrupt_images: bool = False  # Preparation: leave out undecodable images (counted) instead of stopping.

@@ -55,7 +55,7 @@ def run_cli(tmp_path, *argv):
     ("--teachers.pretrained=a.npz,,,,", "--teachers.pretrained=a.npz: no such file"),
     ("--distill.pretrained=a.npz", "--distill.pretrained=a.npz: no such file"),
     ("--data.download=sometimes", "--data.download=sometimes: expected one of auto, never"),
-    ("--data.augment_on=gpu", "--data.augment_on=gpu: expected one of device, host"),
+    ("--data.augment_on=gpu", "--data.augment_on=gpu: expected one of auto, device, host"),
 ])
 def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, option, culprit):
     # "--stage data" keeps the valid control case short; the checks cover every stage's options.

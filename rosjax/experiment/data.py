@@ -16,6 +16,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from rosjax import atomic
@@ -275,11 +276,19 @@ def augment_config(cfg: ExperimentConfig) -> pipeline.AugmentConfig:
     return presets[cfg.data.augment]()
 
 
+def augment_on(cfg: ExperimentConfig) -> str:
+    """Where this run renders its views: --data.augment_on, with "auto" resolved for this backend
+    (the jitted steps on an accelerator, PIL on a CPU, where in-program rendering only adds compile time)."""
+    if cfg.data.augment_on != "auto":
+        return cfg.data.augment_on
+    return "host" if jax.default_backend() == "cpu" else "device"
+
+
 def train_iterator(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, seed: int):
     """Checkpointable iterator of augmented training batches over `rows`, repeated forever."""
     return pipeline.train_iterator(data.dataset.source, rows, data.train_labels, image_size=cfg.data.image_size,
                                    batch_size=cfg.optim.batch_size, seed=seed, augment=augment_config(cfg),
-                                   num_workers=cfg.data.num_workers, augment_on=cfg.data.augment_on)
+                                   num_workers=cfg.data.num_workers, augment_on=augment_on(cfg))
 
 
 def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None,
@@ -290,7 +299,7 @@ def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, 
     float32 [B, S, S, C] images in [0, 1], for code that takes pixels (attacks, loss landscapes).
     """
     batches = pipeline.eval_batches(data.dataset.source, rows, data.dataset.labels, image_size=cfg.data.image_size,
-                                    batch_size=batch_size or cfg.data.eval_batch_size, augment_on=cfg.data.augment_on)
+                                    batch_size=batch_size or cfg.data.eval_batch_size, augment_on=augment_on(cfg))
     return map(device_augment.rendered, batches) if rendered else batches
 
 

@@ -330,7 +330,7 @@ def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         load_teachers(cfg, wd, stored, mesh), data.dataset.source, data.splits["train"],
         image_size=cfg.data.image_size, augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views,
         seed=_seed(cfg, "student", 0), batch_size=cfg.distill.cache_batch_size, directory=wd.folder(folder),
-        mesh=mesh, augment_on=cfg.data.augment_on)
+        mesh=mesh, augment_on=data_lib.augment_on(cfg))
     return cache, [stored.index(k) for k in keys]
 
 

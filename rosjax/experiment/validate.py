@@ -163,7 +163,7 @@ def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(d.noise != "none" or d.noise_rate == 0.0, "data.noise_rate", d.noise_rate,
               "needs --data.noise (symmetric, pair or flip)")
     p.one_of("data.augment", d.augment, ("dermoscopy", "chest_xray"))
-    p.one_of("data.augment_on", d.augment_on, AUGMENT_ON)
+    p.one_of("data.augment_on", d.augment_on, ("auto", *AUGMENT_ON))
     if facts is not None:
         for field in ("pixel_mean", "pixel_std"):
             value = getattr(d, field)
