@@ -98,7 +98,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="baseline_ii_subset", title="Baseline II, one subset teacher (Hinton KD)", teachers="single"),
     Setting(name="baseline_iii", title="Baseline III (equal-weight teachers)", teachers="all", compared=True),
     Setting(name="baseline_iii_full", title="Baseline III, traditional (equal-weight teachers on the full "
-            "training split)", teachers="all_full"),
+            "training split)", teachers="all_full", smoke=False),
     Setting(name="baseline_iv", title="Baseline IV (RL teacher selection)", teachers="all", trainer="rl"),
     Setting(name="baseline_v", title="Baseline V (RoS-KD, no smoothing)", teachers="all", weighting="exponential",
             weight_options=True, trained_by="ros_kd"),
