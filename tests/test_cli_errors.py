@@ -45,6 +45,11 @@ def run_cli(tmp_path, *argv):
     ("--distill.student=resnet19", "--distill.student=resnet19: expected one of resnet18"),
     ("--teachers.architectures=resnet18,vgg16,densenet121", "--teachers.architectures=vgg16: expected one of"),
     ("--sweeps.normalizations=none,per_step", "--sweeps.normalizations=per_step: expected one of"),
+    # Per-example draws are not a normalisation: they have their own sweep field.
+    ("--sweeps.normalizations=none,per_example", "--sweeps.normalizations=per_example: expected one of none, sum1"),
+    ("--sweeps.per_example_normalizations=sum2", "--sweeps.per_example_normalizations=sum2: expected one of"),
+    ("--distill.rl_baseline_decay=1", "--distill.rl_baseline_decay=1.0: must be in [0, 1)"),
+    ("--distill.rl_embedding_teacher=5", "--distill.rl_embedding_teacher=5: a teacher index in -5..4"),
     ("--settings=baseline_i,baseline_vi", "--settings=baseline_vi: unknown setting"),
     ("--data.noise=symmetric", None),  # valid with a rate: the control case
     ("--data.noise_rate=0.3", "--data.noise_rate=0.3: needs --data.noise"),

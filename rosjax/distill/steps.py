@@ -41,7 +41,7 @@ def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], image
 
 def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
                       weighting_kind: str = "exponential", per_example: bool = False,
-                      normalize: str = "sum1", class_weights=None) -> Callable:
+                      normalize: str = weighting.DEFAULT_NORMALIZE, class_weights=None) -> Callable:
     """Builds `distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
     Args:

@@ -31,8 +31,15 @@ from rosjax.experiment.workdir import Workdir, check_config, read_json, write_js
 
 log = logging.getLogger(__name__)
 
-WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
-    "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": ("sum1", True)}
+PER_EXAMPLE = "per_example_"  # name prefix of the weights sweep's points with per-example draws
+
+
+def weight_points(sweeps: config_lib.SweepConfig) -> dict[str, tuple[str, bool]]:
+    """The points of the teacher-weight sweep, name -> (--distill.normalize, --distill.per_example):
+    each of `sweeps.normalizations` with one draw per step (named by the normalisation, e.g. "sumk"),
+    then each of `sweeps.per_example_normalizations` with per-example draws ("per_example_sum1")."""
+    return {**{n: (n, False) for n in sweeps.normalizations},
+            **{PER_EXAMPLE + n: (n, True) for n in sweeps.per_example_normalizations}}
 
 
 def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd: Workdir | None) -> dict[str, Any]:
@@ -54,6 +61,7 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
             if (path := wd.root / "eval" / f"{name}.json").exists()}
     # validate.check_options made sure the main run's baseline III and RoS-KD are evaluated.
     d = cfg.distill
+    weights = weight_points(cfg.sweeps)
     sweeps = {
         "overlap": _sweep(
             cfg, wd, mesh, main, compared, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
@@ -67,9 +75,9 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
         "weights": _sweep(
             cfg, wd, mesh, main, settings_lib.WEIGHT_OPTIONS, "weights", "teacher weights",
             "Teacher-weight normalisation",
-            cfg.sweeps.normalizations, str, lambda v: WEIGHT_VARIANTS[v] == (d.normalize, d.per_example),
+            tuple(weights), str, lambda v: weights[v] == (d.normalize, d.per_example),
             lambda v: dataclasses.replace(cfg, distill=dataclasses.replace(
-                d, normalize=WEIGHT_VARIANTS[v][0], per_example=WEIGHT_VARIANTS[v][1])),
+                d, normalize=weights[v][0], per_example=weights[v][1])),
             own_teachers=False),
     }
     write_json(wd.path("eval", "sweeps.json"), sweeps)

@@ -260,25 +260,15 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh,
                   class_weights=class_weights(cfg, data, rows))
-    d = cfg.distill
     if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
-                                    kd=trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting="equal"),
-                                    rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
-                                                         learning_rate=d.rl_learning_rate,
-                                                         baseline_decay=d.rl_baseline_decay),
-                                    **common, compile_only=compile_only)
+                                    distill=cfg.distill, **common, compile_only=compile_only)
         if compile_only:
             return None
     else:
-        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting,
-                            per_example=d.per_example if entry.weight_options else False,
-                            normalize=d.normalize if entry.weight_options else "sum1")
-        smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
-                                     recalibration_batches=d.recalibration_batches)
-                  if entry.smoothing else None)
         trainer.train_student(model, teachers, make_train_iter, validation_evaluator(cfg, data, mesh), folder,
-                              kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
+                              distill=cfg.distill, weighting=entry.weighting, weight_options=entry.weight_options,
+                              smooth=entry.smoothing, make_recalibration_batches=make_iter,
                               cached_teacher_outputs=cached, **common)
     record = {"setting": setting, "teachers": indices, "student": cfg.distill.student,
               "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
