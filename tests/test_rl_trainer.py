@@ -217,7 +217,7 @@ def test_stage_two_steps_are_reinforce_with_a_moving_baseline(checkpointed, teac
 
     def reward(step):
         batch = batches[step]
-        after = _apply(states[step + 1][0].student.variables, batch["image"], train=False)
+        after = _apply(states[step + 1][0].variables, batch["image"], train=False)
         return -_np_ce(after, batch["label"]).mean()
 
     first, second = states[2][0].policy, states[3][0].policy
@@ -276,7 +276,7 @@ def test_run_switches_phase_trains_the_agent_and_exports(straight, teachers):
         assert r["epoch_seconds"] > 0.0  # what the report's cost table sums
 
     exported = jax.device_get(checkpoint.load_variables(workdir / "final" / "student"))
-    for got, ref in zip(jax.tree.leaves(exported), jax.tree.leaves(final_state.student.variables)):
+    for got, ref in zip(jax.tree.leaves(exported), jax.tree.leaves(final_state.variables)):
         np.testing.assert_array_equal(got, ref)
     policy = jax.device_get(checkpoint.load_variables(workdir / "final" / "policy"))
     for got, ref in zip(jax.tree.leaves(policy), jax.tree.leaves(policies[2].params)):

@@ -1,6 +1,6 @@
 """Training baseline IV: a student distilled under reinforced teacher selection (Yuan et al. 2021).
 
-The schedule follows the sources (shared/notes/kd_methods.md §1):
+The schedule follows Yuan et al.'s description (the README's "Baseline IV" section lists the sources):
 
   stage 1, epochs [0, equal_epochs): every teacher is used for every example with equal
       weight, i.e. baseline III's recipe (`rl_policy.rl_kd_loss` with all actions True); the
@@ -14,10 +14,10 @@ The schedule follows the sources (shared/notes/kd_methods.md §1):
 
 Everything happens in one jitted step, `rl_distill_step(state, teachers, batch, run_key)`:
 the phase is chosen inside it from `state.step` (one compile; a resumed run is exact), and the
-state is an `RLTrainState` holding the student's `TrainState` and the agent's `PolicyState`,
-so `rosjax.train.loop.fit` donates, checkpoints and restores both together: a run stopped in
-the middle of an episode continues that episode with the same policy, optimiser moments and
-reward baseline.
+state is an `RLTrainState`: the student's `TrainState` with the agent's `PolicyState` as one
+more field, so `rosjax.train.loop.fit` donates, checkpoints and restores both together: a run
+stopped in the middle of an episode continues that episode with the same policy, optimiser
+moments and reward baseline.
 
 Cost per stage-2 step, against baseline III / RoS-KD (same teachers, same student step):
   * one extra forward pass of the student in inference mode (the reward), about a third of a
@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -62,34 +61,16 @@ log = logging.getLogger(__name__)
 _AGENT_METRICS = ("policy_loss", "reward", "baseline", "advantage")
 
 
-class RLTrainState(flax.struct.PyTreeNode):
-    """The student's TrainState and the agent's PolicyState, donated and checkpointed together.
-
-    It reads like a TrainState where `fit`, the evaluator (`steps.eval_step`) and the export
-    look: `step` is the student's update count, `variables`/`apply_fn` are the student's.
-    """
-    student: TrainState
+class RLTrainState(TrainState):
+    """The student's TrainState with the agent's PolicyState beside it, donated and checkpointed
+    together: `fit`, the evaluator and the export read it as the student's state (`step` is the
+    student's update count), and the step reads and replaces `policy`."""
     policy: rl_policy.PolicyState
 
-    @property
-    def step(self) -> jax.Array:
-        return self.student.step
-
-    @property
-    def params(self) -> Any:
-        return self.student.params
-
-    @property
-    def batch_stats(self) -> Any:
-        return self.student.batch_stats
-
-    @property
-    def variables(self) -> dict[str, Any]:
-        return self.student.variables
-
-    @property
-    def apply_fn(self) -> Callable:
-        return self.student.apply_fn
+    @classmethod
+    def create(cls, student: TrainState, policy: rl_policy.PolicyState) -> RLTrainState:
+        """`student`'s fields (arrays and static apply_fn, tx) and `policy`."""
+        return cls(**{f.name: getattr(student, f.name) for f in dataclasses.fields(student)}, policy=policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,28 +137,28 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
 
     def rl_distill_step(state: RLTrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
                         run_key: jax.Array) -> tuple[RLTrainState, dict[str, jax.Array]]:
-        student, policy = state.student, state.policy
-        dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, student.step))
+        policy = state.policy
+        dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, state.step))
         images, labels = batch["image"], batch["label"]
         t_logits, embedding = teacher_outputs(teacher_apply_fns, teachers, images,
                                               embedding_teacher)  # [K, B, C], [B, D]
         feats = rl_policy.state_features(embedding, t_logits, labels, tau=tau,
                                          multilabel=multilabel)  # [K, B, F]
         probs = rl_policy.selection_probs(policy.params, feats)  # [K, B]
-        rl_phase = student.step >= equal_steps  # []
+        rl_phase = state.step >= equal_steps  # []
         sampled = rl_policy.sample_actions(action_key, probs)  # [K, B]
         actions = jnp.logical_or(sampled, jnp.logical_not(rl_phase))  # stage 1: all True
 
         def loss_fn(params):
-            logits, batch_stats = train_steps.forward_train(student, params, images, dropout_key)
+            logits, batch_stats = train_steps.forward_train(state, params, images, dropout_key)
             loss, aux = rl_policy.rl_kd_loss(logits, t_logits, labels, actions, tau=tau,
                                              alpha=alpha, multilabel=multilabel,
                                              class_weights=class_weights)
             return loss, (logits, batch_stats, aux)
 
         (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            student.params)
-        new_student = train_steps.apply_gradients(student, grads, batch_stats)
+            state.params)
+        new_student = train_steps.apply_gradients(state, grads, batch_stats)  # the policy unchanged
 
         def agent_update(policy):
             # The reward needs a second student forward pass, after the update, in eval mode.
@@ -202,7 +183,7 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
                    **agent_metrics}
         for k in range(num_teachers):
             metrics[f"select_prob/t{k}"] = jnp.mean(probs[k])
-        return RLTrainState(student=new_student, policy=new_policy), metrics
+        return new_student.replace(policy=new_policy), metrics
 
     return rl_distill_step
 
@@ -265,7 +246,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     policy = jax.device_put(
         rl_policy.init_policy_state(jax.random.fold_in(init_key, 1), feature_dim, policy_tx),
         parallel.replicated(mesh))
-    state = RLTrainState(student=student, policy=policy)
+    state = RLTrainState.create(student, policy)
     step = make_rl_distill_step(apply_fns, tau=distill.tau, alpha=distill.alpha, multilabel=multilabel,
                                 equal_steps=distill.rl_equal_epochs * steps_per_epoch, policy_tx=policy_tx,
                                 baseline_decay=distill.rl_baseline_decay,

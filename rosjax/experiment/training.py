@@ -28,6 +28,7 @@ from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import StageClaim, Workdir, done, mark_done
 from rosjax.models import pretrained
 from rosjax.train import classifier, evaluate, loop, parallel
+from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def test_metrics(cfg, data, model, variables, mesh) -> dict[str, Any]:
     """Test-split metrics of a finished model (`classification_metrics` plus mean loss)."""
     evaluator = evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
                                         multilabel=data.multilabel, class_names=data.dataset.class_names)
-    return evaluator(artifacts.inference_state(model, variables), {})
+    return evaluator(ModelState.of(model, variables), {})
 
 
 class CompileAhead:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from rosjax import losses
-from rosjax.train.state import TrainState
+from rosjax.train.state import ModelState, TrainState
 
 
 def step_rng(run_key: jax.Array, step: jax.Array) -> jax.Array:
@@ -82,6 +82,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     return apply_gradients(state, grads, batch_stats), metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+def eval_step(state: TrainState | ModelState, batch: dict[str, jax.Array]) -> jax.Array:
     """Logits [B, C] of the model in inference mode (BatchNorm running averages)."""
     return state.apply_fn(state.variables, batch["image"], train=False)
