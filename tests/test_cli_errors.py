@@ -168,6 +168,26 @@ def test_two_jobs_cannot_train_one_stage_at_once(tmp_path):
     StageClaim(tmp_path).release()  # free again once the first job let go
 
 
+def test_a_stage_runs_once_under_its_claim(tmp_path):
+    """claim_unless_done: None and the claim while the stage is to run (released after, also on
+    an error), the DONE record without a claim once it finished."""
+    from rosjax.experiment.workdir import StageBusyError, StageClaim, claim_unless_done, mark_done  # noqa: PLC0415
+
+    with claim_unless_done(tmp_path) as record:
+        assert record is None
+        with pytest.raises(StageBusyError):
+            StageClaim(tmp_path)  # another job is refused while the stage runs
+        mark_done(tmp_path, {"epochs": 3})
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RuntimeError, match="crash"), claim_unless_done(tmp_path / "other") as record:
+        raise RuntimeError("crash")
+    StageClaim(tmp_path / "other").release()  # the crashed block let go of its claim
+    first = StageClaim(tmp_path)  # a finished stage is read without claiming it
+    with claim_unless_done(tmp_path) as record:
+        assert record == {"epochs": 3}
+    first.release()
+
+
 def test_concurrent_json_writes_never_collide(tmp_path):
     """Jobs sharing a work directory rewrite data/summary.json at once: each write is whole."""
     import threading  # noqa: PLC0415
