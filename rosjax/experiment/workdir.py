@@ -6,7 +6,7 @@ Layout (documented in the README):
       config.json                      the resolved ExperimentConfig
       data/summary.json                split sizes, groups shared between splits, teacher subsets
       teachers/<i>-<arch>/             one teacher: ckpt/ (Orbax), metrics.jsonl, final/, DONE.json
-      settings/<setting>/              one student setting (baseline_i, ..., rosjax): same files
+      settings/<setting>/              one student setting (rosjax.experiment.settings): same files
       eval/<setting>.json              test metrics, attacks
       plots/*.png                      landscapes and sweep figures
       sweeps/<sweep>/<point>/          a nested WORKDIR per sweep point
