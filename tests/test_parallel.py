@@ -9,7 +9,7 @@ import pytest
 
 from rosjax import losses, models
 from rosjax.config import OptimConfig
-from rosjax.train import classifier, evaluate, optim, parallel, steps
+from rosjax.train import classifier, optim, parallel, steps, validation
 from rosjax.train.state import create_train_state
 
 
@@ -109,7 +109,7 @@ def test_a_second_epoch_traces_neither_the_train_nor_the_eval_step_again(monkeyp
     val = [{"image": images[i:i + tw.BATCH], "label": labels[i:i + tw.BATCH], "mask": np.ones(tw.BATCH, np.float32)}
            for i in range(0, 2 * tw.BATCH, tw.BATCH)]
     mesh = parallel.make_mesh()
-    evaluator = evaluate.make_evaluator(lambda: val, mesh=mesh, multilabel=False)
+    evaluator = validation.make_evaluator(lambda: val, mesh=mesh, multilabel=False)
     optim_cfg = OptimConfig(epochs=2, batch_size=tw.BATCH, learning_rate=0.05, milestones=(2,))
     result = classifier.train_classifier(
         models.create("tiny_cnn", tw.CLASSES), tw.train_iter, evaluator, tmp_path, optim_cfg=optim_cfg,

@@ -21,7 +21,7 @@ import pytest
 from rosjax import checkpoint, models
 from rosjax.config import DistillConfig, OptimConfig
 from rosjax.distill import rl_trainer
-from rosjax.train import evaluate, loop, parallel
+from rosjax.train import loop, parallel, validation
 
 IMAGE, CHANNELS, CLASSES, TEACHERS = 16, 3, 3, 2
 EXAMPLES, BATCH = 16, 8
@@ -114,7 +114,7 @@ def straight(tmp_path_factory, teachers):
     eval_images, eval_labels = _data()
     eval_batch = {"image": eval_images[:BATCH], "label": eval_labels[:BATCH],
                   "mask": np.ones(BATCH, np.float32)}
-    real = evaluate.make_evaluator(lambda: [eval_batch], mesh=parallel.make_mesh(),
+    real = validation.make_evaluator(lambda: [eval_batch], mesh=parallel.make_mesh(),
                                    multilabel=False)
     seen = []
 

@@ -213,7 +213,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       teachers: (apply_fn, variables) per teacher, frozen; at least one.
       make_train_iter: returns a fresh endless, checkpointable iterator of training batches.
       evaluate: `evaluate(state, extras) -> dict` at each epoch end (logged, not used to
-        select); `state` is the RLTrainState, which `evaluate.make_evaluator` takes as is.
+        select); `state` is the RLTrainState, which `validation.make_evaluator` takes as is.
       workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
       optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
         `rosjax.distill.trainer.train_student` (same seed and data: the same student

@@ -16,7 +16,7 @@ from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
 from rosjax.experiment import data as data_lib
-from rosjax.experiment import evaluation, training, validate
+from rosjax.experiment import scoring, training, validate
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 from rosjax.train import parallel
@@ -72,7 +72,7 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
         finally:
             compiler.close()
     if "evaluate" in stages:
-        evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh)
+        scoring.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh)
     if "sweeps" in stages:
         from rosjax.experiment import sweeps  # noqa: PLC0415
         sweeps.run_sweeps(cfg, wd, mesh)

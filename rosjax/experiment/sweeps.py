@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.experiment import data as data_lib
-from rosjax.experiment import evaluation, training
+from rosjax.experiment import scoring, training
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, read_json, write_json
 
@@ -51,13 +51,13 @@ def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd
             training.train_teacher(cfg, wd, data, i, mesh)
     for setting in settings:
         training.train_setting(cfg, wd, data, setting, mesh, teachers_wd=teachers_wd or wd)
-    return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
+    return scoring.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
 
 
 def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     """Runs the three sweeps, writes `eval/sweeps.json` and one plot per sweep; returns the results."""
     compared = settings_lib.COMPARED
-    main = {name: read_json(path) for name in evaluation.settings_to_evaluate(compared)
+    main = {name: read_json(path) for name in scoring.settings_to_evaluate(compared)
             if (path := wd.root / "eval" / f"{name}.json").exists()}
     # validate.check_options made sure the main run's baseline III and RoS-KD are evaluated.
     d = cfg.distill
@@ -87,7 +87,7 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
 def _sweep(cfg, wd, mesh, main, settings, name, parameter, title, values, point_name: Callable, is_main: Callable,
            point_cfg: Callable, *, own_teachers: bool) -> dict[str, Any]:
     """One sweep: `settings` trained at every point but the main run's; test macro-F1 per point and setting."""
-    scored = evaluation.settings_to_evaluate(settings)
+    scored = scoring.settings_to_evaluate(settings)
     points = {}
     for value in values:
         if is_main(value):

@@ -27,7 +27,7 @@ from rosjax.experiment import data as data_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, claim_unless_done, done, mark_done
 from rosjax.models import pretrained
-from rosjax.train import classifier, evaluate, loop, parallel
+from rosjax.train import classifier, loop, parallel, validation
 from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def spec_for(cfg: ExperimentConfig, data: data_lib.ExperimentData, architecture:
 
 
 def validation_evaluator(cfg, data, mesh):
-    return evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["validation"]), mesh=mesh,
+    return validation.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["validation"]), mesh=mesh,
                                    multilabel=data.multilabel, class_names=data.dataset.class_names)
 
 
@@ -72,7 +72,7 @@ def wall_clock(folder: pathlib.Path) -> float:
 
 def test_metrics(cfg, data, model, variables, mesh) -> dict[str, Any]:
     """Test-split metrics of a finished model (`classification_metrics` plus mean loss)."""
-    evaluator = evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
+    evaluator = validation.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
                                         multilabel=data.multilabel, class_names=data.dataset.class_names)
     return evaluator(ModelState.of(model, variables), {})
 

@@ -35,7 +35,7 @@ class TrainState(flax.struct.PyTreeNode):
 class ModelState(flax.struct.PyTreeNode):
     """A finished model to run in inference mode: params, batch_stats and the static `apply_fn`.
 
-    What the evaluation passes (`steps.eval_step`, `rosjax.train.evaluate`) read of a state,
+    What the evaluation passes (`steps.eval_step`, `rosjax.train.validation`) read of a state,
     without an optimiser; a `TrainState` serves them the same way.
     """
     params: Any              # model parameters

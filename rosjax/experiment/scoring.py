@@ -20,8 +20,7 @@ from rosjax.experiment import data as data_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, read_json, write_json
 from rosjax.progress import bar
-from rosjax.train import evaluate as evaluate_lib
-from rosjax.train import loop
+from rosjax.train import loop, validation
 from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def score_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     or the training run's gradients died (logged as a WARNING naming the setting).
     """
     model, variables, _ = artifacts.load_setting(wd.root, name)
-    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
+    predict = validation.make_predict(mesh, multilabel=data.multilabel)
     out = predict(ModelState.of(model, variables), data_lib.eval_batches(data, cfg, data.splits["test"]))
     scores = metrics.scores_from_logits(out["logits"], multilabel=data.multilabel)
     test = {**metrics.classification_metrics(out["label"], scores, multilabel=data.multilabel,
