@@ -75,7 +75,8 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
         # fewer than a batch of 16.
         sweeps=dataclasses.replace(cfg.sweeps, overlaps=(0.2, cfg.teachers.overlap),
                                    students=("resnet18", "resnet34"), fold_student=cfg.distill.student,
-                                   normalizations=("none", "sum1"), fold_seeds=(0, 1)),
+                                   normalizations=("none", "sum1"), per_example_normalizations=(),
+                                   fold_seeds=(0, 1)),
         checkpoint_every_steps=4,
         log_every_steps=2,
     )

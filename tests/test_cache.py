@@ -11,7 +11,8 @@ import pytest
 from rosjax import models
 from rosjax.data import device_augment, pipeline
 from rosjax.distill import cache
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill.steps import DistillInputs, make_distill_step
+from rosjax.distill.weighting import weight_rule
 from rosjax.train import parallel
 from rosjax.train.state import TrainState
 
@@ -168,10 +169,13 @@ def test_cached_and_online_steps_give_the_same_loss_and_update(built):
                                 multilabel=False)
     cached_step = cache.cached_distill_step(distill)
 
+    rule = weight_rule("exponential", 2)
+
     @jax.jit
     def both(state, teachers, batch, key):
         without = {k: v for k, v in batch.items() if k != "teacher_logits"}
-        return distill(state, teachers, without, key), cached_step(state, batch, key)
+        return (distill(state, DistillInputs(teachers=teachers, rule=rule), without, key),
+                cached_step(state, DistillInputs(teachers=(), rule=rule), batch, key))
 
     mesh = parallel.make_mesh()
     batches = take(cache.cached_train_iterator(images(), ROWS, np.arange(20) % CLASSES, built,

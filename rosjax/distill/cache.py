@@ -473,12 +473,13 @@ def cached_train_iterator(source, indices, labels, cache: TeacherCache,
 def cached_distill_step(distill_step: Callable) -> Callable:
     """Adapts `make_distill_step(...)`'s step to cached batches; no teacher runs.
 
-    Returns `step(state, batch, run_key) -> (state, metrics)` for
-    `parallel.jit_train_step(step, mesh)` (no frozen teachers to pass). The batch's
-    `teacher_logits` arrive as [B, K, C] (batch axis first, so they shard like the images)
-    and are transposed to the step's [K, B, C] inside the compiled program.
+    Returns `step(state, inputs, batch, run_key) -> (state, metrics)` for
+    `parallel.jit_train_step(step, mesh, frozen=inputs)`, with `inputs` a `DistillInputs`
+    without teacher variables. The batch's `teacher_logits` arrive as [B, K, C] (batch axis
+    first, so they shard like the images) and are transposed to the step's [K, B, C] inside the
+    compiled program.
     """
-    def step(state, batch, run_key):
+    def step(state, inputs, batch, run_key):
         batch = dict(batch, teacher_logits=jnp.swapaxes(batch["teacher_logits"], 0, 1))
-        return distill_step(state, (), batch, run_key)
+        return distill_step(state, inputs, batch, run_key)
     return step

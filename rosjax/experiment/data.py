@@ -22,7 +22,7 @@ import numpy as np
 from rosjax import atomic
 from rosjax.config import ExperimentConfig
 from rosjax.data import DataError, datasets, device_augment, noise, pipeline, splits
-from rosjax.data.builder_utils import decode_text
+from rosjax.data.input_files import decode_text
 
 
 @dataclasses.dataclass(frozen=True)

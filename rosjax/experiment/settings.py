@@ -48,7 +48,7 @@ class Setting:
     trained_by: str | None = None  # the setting whose run exports this one's model (None: its own)
     compared: bool = False       # in Table II, Figure 4 and the sweeps (baseline III against RoS-KD)
     folds: bool = False          # the setting NIH's split-seed runs (Table III) train
-    smoke: bool = True           # trained by default in a --smoke run (False: its own programs cost too much)
+    smoke: bool = True           # trained by default in a --smoke run (False: more run time than a smoke affords)
 
     @property
     def folder(self) -> str:

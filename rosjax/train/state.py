@@ -32,6 +32,27 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+class ModelState(flax.struct.PyTreeNode):
+    """A finished model to run in inference mode: params, batch_stats and the static `apply_fn`.
+
+    What the evaluation passes (`steps.eval_step`, `rosjax.train.validation`) read of a state,
+    without an optimiser; a `TrainState` serves them the same way.
+    """
+    params: Any              # model parameters
+    batch_stats: Any         # BatchNorm running statistics ({} for a model without BatchNorm)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, model: nn.Module, variables: dict[str, Any]) -> ModelState:
+        """The state of `model` with `variables` ({'params'} and, with BatchNorm, {'batch_stats'})."""
+        return cls(params=variables["params"], batch_stats=variables.get("batch_stats", {}), apply_fn=model.apply)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """{'params', 'batch_stats'}: what `module.apply` takes."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        sample_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
     """Initialises the model and optimiser directly on the mesh's devices, replicated.

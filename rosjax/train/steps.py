@@ -23,7 +23,7 @@ import optax
 
 from rosjax import losses
 from rosjax.data import device_augment
-from rosjax.train.state import TrainState
+from rosjax.train.state import ModelState, TrainState
 
 
 def step_rng(run_key: jax.Array, step: jax.Array) -> jax.Array:
@@ -87,7 +87,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     return apply_gradients(state, grads, batch_stats), metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+def eval_step(state: TrainState | ModelState, batch: dict[str, jax.Array]) -> jax.Array:
     """Logits [B, C] of the model in inference mode (BatchNorm running averages); a shipped
     batch is rendered first (`rosjax.data.device_augment.render`)."""
     return state.apply_fn(state.variables, device_augment.render(batch)["image"], train=False)

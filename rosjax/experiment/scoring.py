@@ -24,8 +24,8 @@ from rosjax.experiment import data as data_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, read_json, write_json
 from rosjax.progress import bar
-from rosjax.train import evaluate as evaluate_lib
-from rosjax.train import loop
+from rosjax.train import loop, validation
+from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def predict_split(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         with np.load(path) as stored:
             return {k: stored[k] for k in stored.files}
     model, variables, _ = artifacts.load_setting(wd.root, name)
-    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
-    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits[split]))
+    predict = validation.make_predict(mesh, multilabel=data.multilabel)
+    out = predict(ModelState.of(model, variables), data_lib.eval_batches(data, cfg, data.splits[split]))
     buffer = io.BytesIO()
     np.savez(buffer, **out)
     path.parent.mkdir(parents=True, exist_ok=True)
