@@ -104,9 +104,9 @@ def run_study(cfg: C.ExperimentConfig, workdir, *, stages, settings, teacher=Non
     from rosjax.experiment.validate import ConfigError  # noqa: PLC0415
 
     if not rates or any(not 0 <= r <= 1 for r in rates) or len(set(rates)) < len(rates):
-        raise ConfigError(f"--rates={','.join(map(str, rates))}: distinct noise rates in [0, 1] expected")
+        raise ConfigError([f"--rates={','.join(f'{r:g}' for r in rates)}: distinct noise rates in [0, 1] expected"])
     if cfg.data.noise_rate:
-        raise ConfigError(f"--data.noise_rate={cfg.data.noise_rate}: the study sets the rate; use --rates")
+        raise ConfigError([f"--data.noise_rate={cfg.data.noise_rate:g}: the study sets the rate; use --rates"])
     cfg, data_about = with_data(cfg, per_class, difficulty)
     root = pathlib.Path(workdir)
     per_rate = {rate: rate_config(cfg, rate) for rate in rates}
