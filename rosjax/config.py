@@ -33,6 +33,7 @@ class DataConfig:
     split_seed: int = 0                # Seed of the grouped split; the paper's 3 runs use 3 seeds.
     noise: str = "none"                # Injected training-label noise: "none", "symmetric", "pair" (one-label) or "flip" (multi-label).
     noise_rate: float = 0.0            # Probability that an injected-noise label is changed.
+    noise_validation: bool = False     # Inject the same noise into the validation labels too (model selection, tuned thresholds).
     augment: str = "dermoscopy"        # Augmentation preset: "dermoscopy" or "chest_xray".
     pixel_mean: tuple[float, ...] = (0.5,)  # Per-channel mean subtracted inside the model ([0, 1] pixels).
     pixel_std: tuple[float, ...] = (0.25,)  # Per-channel std divided inside the model.

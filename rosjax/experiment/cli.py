@@ -165,9 +165,12 @@ def configure_logging(verbose: bool) -> None:
         tfds.disable_progress_bar()  # bars only on a terminal
 
 
-def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str] | None = None) -> int:
+def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str] | None = None, *,
+         run: Callable[..., object] | None = None) -> int:
     """Entry point of an experiment module; returns the process exit status.
 
+    `run(cfg, workdir, stages=..., settings=..., teacher=...)` does the work: rosjax.experiment.runner.run
+    by default, a study's own loop over runner runs otherwise (experiments.noise_study).
     2: a user error, printed as `error: ...` lines (with the traceback under `--debug`);
     130: interrupted (rerun the same command to resume).
     """
@@ -179,10 +182,11 @@ def main(get_config: Callable[..., config_lib.ExperimentConfig], argv: list[str]
     cfg, workdir, stages, settings, teacher, flags = parse_args(argv, get_config)
     configure_logging(flags["verbose"])
     try:
-        from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)
-
+        if run is None:
+            from rosjax.experiment import runner  # noqa: PLC0415 (keeps --help fast)
+            run = runner.run
         enable_compilation_cache()
-        runner.run(cfg, workdir, stages=stages, settings=settings, teacher=teacher)
+        run(cfg, workdir, stages=stages, settings=settings, teacher=teacher)
     except UserError as err:
         if flags["debug"]:
             traceback.print_exc()

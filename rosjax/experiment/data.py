@@ -31,6 +31,8 @@ class ExperimentData:
     dataset: datasets.PreparedDataset
     splits: dict[str, np.ndarray]          # train / validation / test source rows
     train_labels: np.ndarray               # [N] or [N, C] labels used for training (noisy if injected)
+    eval_labels: np.ndarray                # [N] or [N, C] labels of evaluation batches: the stored ones, but
+    #                                        noisy on validation rows with --data.noise_validation (test: stored)
     noisy: noise.NoisyLabels | None        # clean and noisy labels when noise was injected
     subsets: tuple[np.ndarray, ...]        # one array of training rows per teacher
 
@@ -82,21 +84,28 @@ def load(cfg: ExperimentConfig, *, split_seed: int | None = None, overlap: float
         raise AssertionError(f"unchecked --data.split={d.split!r}")  # validate.check_options rejects it
 
     noisy = None
-    train_labels = ds.labels
+    train_labels = eval_labels = ds.labels
     if d.noise != "none":
-        # Only the training rows get noise: validation and test keep the stored labels.
+        # The training rows get noise, and with --data.noise_validation the validation rows the same
+        # (a user with noisy training labels has noisy validation labels too); test keeps the stored
+        # labels. One draw for every row, so the training labels are the same either way.
         injected = noise.add_label_noise(ds.labels, mode=d.noise, rate=d.noise_rate, seed=cfg.seed,
                                          num_classes=None if ds.multilabel else len(ds.class_names))
-        in_train = np.zeros(len(ds.labels), bool)
-        in_train[split["train"]] = True
-        where = in_train if not ds.multilabel else in_train[:, None]
+        noisy_rows = np.zeros(len(ds.labels), bool)
+        noisy_rows[split["train"]] = True
+        if d.noise_validation:
+            noisy_rows[split["validation"]] = True
+        where = noisy_rows if not ds.multilabel else noisy_rows[:, None]
         noisy = noise.NoisyLabels(clean=ds.labels, noisy=np.where(where, injected.noisy, ds.labels))
         train_labels = noisy.noisy
+        if d.noise_validation:
+            eval_labels = noisy.noisy
 
     subsets = splits.overlapping_subsets(split["train"], len(cfg.teachers.architectures),
                                          cfg.teachers.overlap if overlap is None else overlap,
                                          seed=cfg.teachers.subset_seed)
-    return ExperimentData(dataset=ds, splits=split, train_labels=train_labels, noisy=noisy, subsets=tuple(subsets))
+    return ExperimentData(dataset=ds, splits=split, train_labels=train_labels, eval_labels=eval_labels, noisy=noisy,
+                          subsets=tuple(subsets))
 
 
 def kept_rows(ds: datasets.PreparedDataset, cfg: ExperimentConfig) -> np.ndarray:
@@ -136,6 +145,10 @@ def summary(data: ExperimentData, cfg: ExperimentConfig) -> dict[str, Any]:
             {"index": i, "architecture": arch, "size": int(len(rows)),
              "noise_rate": None if data.noisy is None else data.noisy.noise_rate(rows)}
             for i, (arch, rows) in enumerate(zip(cfg.teachers.architectures, data.subsets))],
+        # The measured fraction of changed labels per split (None: no injected noise).
+        "noise": None if data.noisy is None else {
+            "mode": cfg.data.noise, "rate": cfg.data.noise_rate, "validation": cfg.data.noise_validation,
+            "measured": {name: data.noisy.noise_rate(rows) for name, rows in data.splits.items()}},
     }
 
 
@@ -155,8 +168,8 @@ def write_split(data: ExperimentData, cfg: ExperimentConfig, path: str | os.Path
 
     Keys: `splits` (image ids of train/validation/test, the part `--data.split_file` reads
     back), `teacher_subsets` (image ids of each teacher's subset), `noise` (None, or the
-    training rows whose injected label differs from the stored one: image id, clean and
-    noisy label as class names), and the options they were made with.
+    training rows, and with --data.noise_validation the validation rows, whose injected label
+    differs from the stored one: image id, clean and noisy label as class names), and the options they were made with.
     """
     ds = data.dataset
     ids = np.asarray(ds.metadata["image_id"]).astype(str)
@@ -165,7 +178,7 @@ def write_split(data: ExperimentData, cfg: ExperimentConfig, path: str | os.Path
     if data.noisy is not None:
         changed = data.noisy.changed()
         changed = changed.any(axis=1) if changed.ndim == 2 else changed
-        noise_rows = {"mode": d.noise, "rate": d.noise_rate, "seed": cfg.seed,
+        noise_rows = {"mode": d.noise, "rate": d.noise_rate, "seed": cfg.seed, "validation": d.noise_validation,
                       "rows": [{"image_id": str(ids[i]), "clean": _label_value(ds, data.noisy.clean[i]),
                                 "noisy": _label_value(ds, data.noisy.noisy[i])}
                                for i in np.flatnonzero(changed)]}
@@ -293,12 +306,13 @@ def train_iterator(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray
 
 def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None,
                  rendered: bool = False):
-    """Padded, masked evaluation batches over `rows` with the stored (clean) labels.
+    """Padded, masked evaluation batches over `rows` with `data.eval_labels` (the stored labels; noisy on
+    validation rows with --data.noise_validation).
 
     As shipped (`--data.augment_on`; the eval step renders them), or with `rendered` always with
     float32 [B, S, S, C] images in [0, 1], for code that takes pixels (attacks, loss landscapes).
     """
-    batches = pipeline.eval_batches(data.dataset.source, rows, data.dataset.labels, image_size=cfg.data.image_size,
+    batches = pipeline.eval_batches(data.dataset.source, rows, data.eval_labels, image_size=cfg.data.image_size,
                                     batch_size=batch_size or cfg.data.eval_batch_size, augment_on=augment_on(cfg))
     return map(device_augment.rendered, batches) if rendered else batches
 

@@ -40,8 +40,11 @@ def check(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Se
 
 
 def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequence[str],
-        teacher: int | None = None) -> dict | None:
+        teacher: int | None = None, analyses: bool = True) -> dict | None:
     """Runs `stages` of the experiment `cfg` in `workdir`; returns the report when it was written.
+
+    `analyses=False` leaves the attacks and loss landscapes out of the evaluate stage (test
+    metrics only), for studies that need Table I's numbers alone (experiments.noise_study).
 
     The configuration is recorded in `config.json` only once the dataset is ready and every
     training set of the requested stages fills a batch, so a run refused at start-up leaves
@@ -60,7 +63,7 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     data = data_lib.load(cfg)
     validate.check_batches(cfg, lambda **point: data if not point else data_lib.load(cfg, **point), stages=stages)
     _prepare(cfg, wd, data)
-    _train_and_score(cfg, wd, data, mesh, stages=stages, settings=settings, teacher=teacher, analyses=True)
+    _train_and_score(cfg, wd, data, mesh, stages=stages, settings=settings, teacher=teacher, analyses=analyses)
     for seed in seeds_lib.extra_seeds(cfg):  # the split and subsets are the main run's: batches checked
         scfg = seeds_lib.seed_config(cfg, seed)
         swd = Workdir(seeds_lib.seed_root(wd.root, cfg, seed))

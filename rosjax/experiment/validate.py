@@ -162,6 +162,8 @@ def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(0.0 <= d.noise_rate <= 1.0, "data.noise_rate", d.noise_rate, "must be in [0, 1]")
     p.require(d.noise != "none" or d.noise_rate == 0.0, "data.noise_rate", d.noise_rate,
               "needs --data.noise (symmetric, pair or flip)")
+    p.require(d.noise != "none" or not d.noise_validation, "data.noise_validation", d.noise_validation,
+              "needs --data.noise (the validation labels get the training labels' noise)")
     p.one_of("data.augment", d.augment, ("dermoscopy", "chest_xray"))
     p.one_of("data.augment_on", d.augment_on, ("auto", *AUGMENT_ON))
     if facts is not None:
