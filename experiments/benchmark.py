@@ -4,7 +4,9 @@ Measures, on whatever devices JAX sees (CPU or GPU, unchanged):
 
 * teacher training, per architecture and compute dtype: compile time, images/s of the bare
   jitted step (a Python loop over pre-placed device batches, one block_until_ready at the end),
-  FLOPs per image from XLA's cost analysis and the achieved FLOP/s; and images/s of the
+  FLOPs per image counted from the jaxpr (`experiments.flops`: convolutions and matmuls, right
+  on every platform, unlike XLA's cost analysis on GPU), the achieved FLOP/s and the model
+  FLOP utilisation against the device's peak (known GPUs only); and images/s of the
   engine's loop (`rosjax.train.loop.fit` over an in-memory grain iterator of host batches,
   the same compiled step, compile excluded) with its ratio to the bare step;
 * distillation, per dtype: the online step (every teacher runs on the batch, then the student
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmark_data
+from experiments import flops as flops_lib
 from rosjax import models
 from rosjax.config import PAPER_TEACHERS, OptimConfig
 from rosjax.data import pipeline
@@ -122,11 +125,13 @@ def new_state(arch: str, dtype: str, args, mesh, seed: int = 0) -> TrainState:
     return jax.device_put(state, parallel.replicated(mesh))
 
 
-def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, float | None]:
-    """AOT-compiles `jitted` for `example_args`: (compiled, seconds, FLOPs per call or None).
+def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, dict[str, float | None]]:
+    """AOT-compiles `jitted` for `example_args`: (compiled, seconds, FLOPs per call).
 
-    XLA's cost analysis describes the program of one device; with the batch split over N
-    devices the whole step is N times that.
+    The FLOPs are {'jaxpr': counted from the jaxpr by `experiments.flops` (convolutions and
+    matmuls, the same on every platform), 'xla': XLA's cost analysis or None}. The latter is
+    kept to show the gap: on GPU it misses the cuDNN convolutions. It describes the program of
+    one device; with the batch split over N devices the whole step is N times that.
     """
     start = time.perf_counter()
     compiled = jitted.lower(*example_args).compile()
@@ -134,9 +139,9 @@ def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, float | 
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    total = float(flops) * jax.device_count() if flops and flops > 0 else None
-    return compiled, seconds, total
+    xla = (cost or {}).get("flops")
+    return compiled, seconds, {"jaxpr": flops_lib.count_flops(jitted, *example_args),
+                               "xla": float(xla) * jax.device_count() if xla and xla > 0 else None}
 
 
 def time_bare(compiled, state, device_batches, key, args, *, frozen=None):
@@ -181,10 +186,17 @@ def precision(state, metrics) -> dict[str, str]:
             "loss": str(metrics["loss"].dtype)}
 
 
-def throughput(images_per_s: float, flops_per_step: float | None, batch: int) -> dict:
-    per_image = None if flops_per_step is None else flops_per_step / batch
+def throughput(images_per_s: float, flops_per_step: dict[str, float | None], batch: int,
+               dtype: str) -> dict:
+    """images/s, FLOPs per image (jaxpr count; XLA's beside it), FLOP/s and the model FLOP
+    utilisation: FLOP/s over the peak of all devices in `dtype` (None for unknown devices)."""
+    per_image = flops_per_step["jaxpr"] / batch
+    xla = flops_per_step["xla"]
+    peak = flops_lib.peak_flop_per_s(jax.devices()[0].device_kind, dtype)
     return {"images_per_s": images_per_s, "flops_per_image": per_image,
-            "flop_per_s": None if per_image is None else per_image * images_per_s}
+            "xla_flops_per_image": None if xla is None else xla / batch,
+            "flop_per_s": per_image * images_per_s,
+            "mfu": None if peak is None else per_image * images_per_s / (peak * jax.device_count())}
 
 
 # --------------------------------------------------------------------------- sections
@@ -200,7 +212,8 @@ def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
     compiled, compile_s, flops = compile_step(jitted, (state, device[0], key))
     state, metrics, bare = time_bare(compiled, state, device, key, args)
     record = {"arch": arch, "dtype": dtype, "compile_s": compile_s,
-              **throughput(bare, flops, args.batch_size), "precision": precision(state, metrics)}
+              **throughput(bare, flops, args.batch_size, dtype),
+              "precision": precision(state, metrics)}
     record["fit_images_per_s"] = time_fit(compiled, state, batches, args, mesh)
     record["fit_over_bare"] = record["fit_images_per_s"] / bare
     return record
@@ -235,7 +248,7 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     compiled, compile_s, flops = compile_step(online, (state, frozen, device[0], key))
     state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=frozen)
     records.append({**common, "mode": "online", "compile_s": compile_s,
-                    **throughput(ips, flops, args.batch_size),
+                    **throughput(ips, flops, args.batch_size, dtype),
                     "precision": precision(state, metrics)})
     del state, device, compiled
 
@@ -247,7 +260,7 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     compiled, compile_s, flops = compile_step(cached, (state, device[0], key))
     state, metrics, ips = time_bare(compiled, state, device, key, args)
     records.append({**common, "mode": "cached", "compile_s": compile_s,
-                    **throughput(ips, flops, args.batch_size),
+                    **throughput(ips, flops, args.batch_size, dtype),
                     "precision": precision(state, metrics),
                     "speedup_over_online": ips / records[0]["images_per_s"]})
     return records
@@ -326,7 +339,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", "Teacher training (bare: jitted step on device batches; fit: the engine's "
                   "loop, same step)",
                   f"{'arch':<14}{'dtype':<10}{'compile s':>10}{'img/s':>10}{'GFLOP/img':>11}"
-                  f"{'TFLOP/s':>9}{'fit img/s':>11}{'fit/bare':>9}"]
+                  f"{'TFLOP/s':>9}{'MFU':>7}{'fit img/s':>11}{'fit/bare':>9}"]
         for r in report["teachers"]:
             if "error" in r:
                 lines.append(f"{r['arch']:<14}{r['dtype']:<10}  error: {r['error']}")
@@ -335,13 +348,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['arch']:<14}{r['dtype']:<10}{r['compile_s']:>10.1f}{r['images_per_s']:>10.1f}"
                 f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f'):>11}"
                 f"{_fmt(r['flop_per_s'] and r['flop_per_s'] / 1e12, '.3f'):>9}"
+                f"{_fmt(r.get('mfu'), '.1%'):>7}"
                 f"{r['fit_images_per_s']:>11.1f}{r['fit_over_bare']:>9.2f}")
     if report.get("distill"):
         first = report["distill"][0]
         lines += ["", f"Distillation step: student {first.get('student')}, teachers "
                   f"{','.join(first.get('teachers', []))}",
                   f"{'dtype':<10}{'teachers':<10}{'compile s':>10}{'img/s':>10}{'GFLOP/img':>11}"
-                  f"{'TFLOP/s':>9}{'speedup':>9}"]
+                  f"{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"]
         for r in report["distill"]:
             if "error" in r:
                 lines.append(f"{r['dtype']:<10}{r.get('mode', '?'):<10}  error: {r['error']}")
@@ -350,6 +364,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['dtype']:<10}{r['mode']:<10}{r['compile_s']:>10.1f}{r['images_per_s']:>10.1f}"
                 f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f'):>11}"
                 f"{_fmt(r['flop_per_s'] and r['flop_per_s'] / 1e12, '.3f'):>9}"
+                f"{_fmt(r.get('mfu'), '.1%'):>7}"
                 f"{_fmt(r.get('speedup_over_online'), '.2f'):>9}")
     if report.get("cache"):
         r = report["cache"]
