@@ -25,6 +25,7 @@ measurement (a run cut short by a timeout leaves what it measured).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -202,19 +203,45 @@ def throughput(images_per_s: float, flops_per_step: dict[str, float | None], bat
 # --------------------------------------------------------------------------- sections
 
 
-def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
-    """One architecture's supervised train step: compile, bare loop, fit loop."""
+@dataclasses.dataclass
+class Prepared:
+    """A compiled step ready to time: call it as `compiled(state, [frozen,] batch, key)`."""
+    compiled: Callable
+    state: TrainState
+    device_batches: list
+    host_batches: list
+    key: jax.Array
+    compile_s: float
+    flops: dict[str, float | None]
+    frozen: Any = None
+
+    def time(self, args) -> tuple[Any, float]:
+        """One bare timing (`time_bare`); the state moves on. Returns (metrics, images/s)."""
+        self.state, metrics, ips = time_bare(self.compiled, self.state, self.device_batches,
+                                             self.key, args, frozen=self.frozen)
+        return metrics, ips
+
+
+def prepare_teacher(arch: str, dtype: str, args, mesh) -> Prepared:
+    """One architecture's supervised train step, compiled, on 2 random device batches."""
     state = new_state(arch, dtype, args, mesh)
     jitted = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=False), mesh)
     batches = host_batches(args, 2)
     device = [parallel.shard_batch(b, mesh) for b in batches]
     key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     compiled, compile_s, flops = compile_step(jitted, (state, device[0], key))
-    state, metrics, bare = time_bare(compiled, state, device, key, args)
-    record = {"arch": arch, "dtype": dtype, "compile_s": compile_s,
-              **throughput(bare, flops, args.batch_size, dtype),
-              "precision": precision(state, metrics)}
-    record["fit_images_per_s"] = time_fit(compiled, state, batches, args, mesh)
+    return Prepared(compiled, state, device, batches, key, compile_s, flops)
+
+
+def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
+    """One architecture's supervised train step: compile, bare loop, fit loop."""
+    prepared = prepare_teacher(arch, dtype, args, mesh)
+    metrics, bare = prepared.time(args)
+    record = {"arch": arch, "dtype": dtype, "compile_s": prepared.compile_s,
+              **throughput(bare, prepared.flops, args.batch_size, dtype),
+              "precision": precision(prepared.state, metrics)}
+    record["fit_images_per_s"] = time_fit(prepared.compiled, prepared.state,
+                                          prepared.host_batches, args, mesh)
     record["fit_over_bare"] = record["fit_images_per_s"] / bare
     return record
 
@@ -229,33 +256,39 @@ def make_teachers(args, dtype: str, mesh) -> list[tuple[Callable, Any]]:
     return teachers
 
 
-def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
-    """The online distillation step against the cached one (same student, same batch size)."""
+def prepare_online_distill(dtype: str, args, mesh) -> tuple[Callable, Prepared]:
+    """(the distillation step function, its online form compiled): every teacher runs on the
+    batch, as `parallel.jit_train_step(step, mesh, frozen=teachers)` compiles it."""
     teachers = make_teachers(args, dtype, mesh)
-    apply_fns = tuple(apply for apply, _ in teachers)
     frozen = tuple(v for _, v in teachers)
-    distill_step = make_distill_step(apply_fns, tau=0.5, alpha=0.9, multilabel=False)
+    distill_step = make_distill_step(tuple(apply for apply, _ in teachers), tau=0.5, alpha=0.9,
+                                     multilabel=False)
     key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    common = {"dtype": dtype, "student": args.student, "teachers": list(args.teachers)}
-    records = []
-
-    # Online: the step `parallel.jit_train_step(step, mesh, frozen=teachers)` compiles.
     state = new_state(args.student, dtype, args, mesh)
-    device = [parallel.shard_batch(b, mesh) for b in host_batches(args, 2)]
+    batches = host_batches(args, 2)
+    device = [parallel.shard_batch(b, mesh) for b in batches]
     online = jax.jit(distill_step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
                      donate_argnums=(0,))
     compiled, compile_s, flops = compile_step(online, (state, frozen, device[0], key))
-    state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=frozen)
-    records.append({**common, "mode": "online", "compile_s": compile_s,
-                    **throughput(ips, flops, args.batch_size, dtype),
-                    "precision": precision(state, metrics)})
-    del state, device, compiled
+    return distill_step, Prepared(compiled, state, device, batches, key, compile_s, flops, frozen)
+
+
+def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
+    """The online distillation step against the cached one (same student, same batch size)."""
+    distill_step, online = prepare_online_distill(dtype, args, mesh)
+    key = online.key
+    common = {"dtype": dtype, "student": args.student, "teachers": list(args.teachers)}
+    metrics, ips = online.time(args)
+    records = [{**common, "mode": "online", "compile_s": online.compile_s,
+                **throughput(ips, online.flops, args.batch_size, dtype),
+                "precision": precision(online.state, metrics)}]
+    del online
 
     # Cached: the student step alone, teacher logits [B, K, C] in the batch.
     state = new_state(args.student, dtype, args, mesh)
     device = [parallel.shard_batch(b, mesh)
-              for b in host_batches(args, 2, num_teachers=len(teachers))]
+              for b in host_batches(args, 2, num_teachers=len(args.teachers))]
     cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh)
     compiled, compile_s, flops = compile_step(cached, (state, device[0], key))
     state, metrics, ips = time_bare(compiled, state, device, key, args)
