@@ -1,8 +1,12 @@
 """experiments.benchmark on its --tiny configuration: every figure is produced."""
+import io
 import json
 import math
 
-from experiments import benchmark
+import numpy as np
+from PIL import Image
+
+from experiments import benchmark, benchmark_data
 
 # tiny_cnn at 16 px: conv 3x3/2 3->8 (8x8 out) and conv 3x3/2 8->16 (4x4 out), fc 16->8.
 TINY_FIRST_CONV_FLOPS = 2 * 8 * 8 * 8 * 3 * 3 * 3
@@ -51,3 +55,20 @@ def test_tiny_benchmark_produces_every_figure(tmp_path, capsys):
 
     benchmark.main(["--print", str(out)])
     assert capsys.readouterr().out.strip() == benchmark.format_table(report)
+
+
+def test_tiny_data_benchmark_reports_host_part_and_bare_decode(tmp_path):
+    report = benchmark_data.main(["--tiny", "--out", str(tmp_path / "data.json")])
+    assert json.loads((tmp_path / "data.json").read_text()) == report
+    assert positive(report["decode_images_per_s"]) and report["stored_size"] == 32
+    (result,) = report["results"]
+    for name in ("images_per_s", "host_images_per_s", "host_over_decode"):
+        assert positive(result[name]), (name, result)
+    assert result["host_over_decode"] == result["host_images_per_s"] / report["decode_images_per_s"]
+
+
+def test_decoders_give_pils_pixels():
+    jpeg = benchmark_data.synthetic_jpegs(1, 24, 40, seed=3)[0]
+    reference = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # [24, 40, 3]
+    for name, decode in benchmark_data.decoders().items():
+        np.testing.assert_array_equal(decode(jpeg), reference, err_msg=name)
