@@ -16,7 +16,8 @@ What is counted (the usual model-FLOPs convention, 1 multiply-add = 2 FLOPs):
 
 Everything else (BatchNorm, activations, pooling, the optimiser update) is not counted; on these
 CNNs it is well under 1 % of the arithmetic. Sub-jaxprs (jit, custom_jvp/vjp, remat, cond) are
-walked; a `scan` body counts `length` times; a `while_loop` body (unknown trip count) counts once.
+walked; a `scan` body counts `length` times; a `while_loop` body (unknown trip count) counts once;
+of a `cond` (e.g. `lax.platform_dependent`, as `rosjax.models.conv` uses) the costliest branch.
 
 A train step counted this way is the forward plus both gradients: about 3x the forward (less
 the input gradient of the first convolution, which nothing needs).
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax._src.interpreters import partial_eval  # dce_jaxpr: not exported by jax.extend
 from jax.extend import core
 
 # Dense (no sparsity) peak FLOP/s per device by compute dtype, matched on `device_kind`.
@@ -95,6 +97,10 @@ def jaxpr_flops(jaxpr: core.Jaxpr) -> float:
 def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
     """FLOPs of one call `fn(*args, **kwargs)`; args may be arrays or jax.ShapeDtypeStruct.
 
+    Dead code is removed first (JAX's own `dce_jaxpr`, which XLA's dead-code elimination
+    matches): e.g. the input gradient a custom VJP computes for pixels nobody differentiates.
     A jitted `fn` over a sharded batch is counted over the whole (global) batch.
     """
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
+    live, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return jaxpr_flops(live)
