@@ -33,14 +33,17 @@ from jax._src.interpreters import partial_eval  # dce_jaxpr: not exported by jax
 from jax.extend import core
 
 # Dense (no sparsity) peak FLOP/s per device by compute dtype, matched on `device_kind`.
-# Sources: NVIDIA H200 and H100 SXM datasheets (BF16 tensor core 989 TFLOP/s dense, FP32 67
-# TFLOP/s; TF32 tensor core 494 TFLOP/s, which XLA may use for float32 convolutions), NVIDIA
-# A100 datasheet (BF16 312, FP32 19.5). CPUs are absent: their peak depends on the core count,
-# clock and vector width, which JAX does not report, so no utilisation is given for them.
+# Sources: NVIDIA H200 and H100 SXM datasheets (BF16 tensor core 989 TFLOP/s, TF32 tensor core
+# 494 TFLOP/s, FP32 67 TFLOP/s, all dense), NVIDIA A100 datasheet (BF16 312, TF32 156, FP32
+# 19.5). The float32 entries are the TF32 peaks: at JAX's default precision XLA runs float32
+# convolutions and matmuls on TF32 tensor cores (rosjax's fp32 train steps on an H200 reach
+# 1.2-1.9x the 67 TFLOP/s FP32 peak, which only TF32 allows). CPUs are absent: their peak
+# depends on core count, clock and vector width, which JAX does not report, so no utilisation
+# is given for them.
 PEAK_FLOP_PER_S = {
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
 }
 
 
