@@ -16,7 +16,8 @@ def xla_conv(x, w, stride, pad, groups):
 
 
 @pytest.mark.parametrize("kernel,stride,pad,c_in,c_out,groups", [
-    (3, 1, 1, 4, 6, 1), (3, 2, 1, 4, 6, 1), (1, 2, 0, 4, 6, 1), (7, 2, 3, 3, 5, 1),
+    (3, 1, 1, 4, 6, 1), (3, 2, 1, 4, 6, 1), (3, 2, 1, 32, 6, 1),  # im2col; per tap (9*32 > 256)
+    (1, 2, 0, 4, 6, 1), (7, 2, 3, 3, 5, 1),
     (3, 1, 1, 6, 6, 6), (3, 2, 1, 6, 6, 6), (3, 1, 1, 4, 6, 2)])
 def test_values_and_gradients_match_xla_convolution(kernel, stride, pad, c_in, c_out, groups):
     assert jax.default_backend() == "cpu"  # the CPU formulations are the ones under test

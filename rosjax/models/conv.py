@@ -4,12 +4,14 @@ XLA:CPU has two slow spots that a CNN's train step hits on every layer (measured
 x86 machine, batch 32, fp32; see the README's "CPU performance"):
 
 * the kernel gradient of a convolution, a convolution whose "kernel" is the whole output
-  gradient: a stride-1 3x3 layer at 32x32x64 takes about 10x its forward pass;
+  gradient: a stride-1 3x3 layer at 32x32x64 takes about 10x its forward pass, a 7x7 stem
+  on 3 channels about 7x;
 * grouped convolutions (`feature_group_count`, MobileNet-V2's depthwise 3x3 layers), lowered
   as dense ones: the forward pass of a 384-channel depthwise layer costs ~140x its FLOPs' worth.
 
 On CPU this module therefore computes (a) the kernel gradient as one matmul per kernel tap,
-dW[i, j] = sum over (b, y, x) of x_pad[b, s*y + i, s*x + j, :]^T g[b, y, x, :], and (b) a
+dW[i, j] = sum over (b, y, x) of x_pad[b, s*y + i, s*x + j, :]^T g[b, y, x, :] (im2col, one
+matmul, for thin inputs), and (b) a
 depthwise convolution as a sum over taps of shifted, strided slices times the tap's weights.
 Both are the convolution's own sums in another order: results differ from XLA's convolution by
 float rounding only. Other platforms (cuDNN on GPU) keep `lax.conv_general_dilated`; the choice
@@ -57,13 +59,23 @@ def _depthwise_by_taps(x, w, strides, padding, out_hw):
     return out.astype(x.dtype)
 
 
+_IM2COL_MAX_DEPTH = 256  # kh*kw*Ci up to which the taps are concatenated into one matmul
+
+
 def _kernel_grad_by_matmuls(x, g, w_shape, strides, padding):
     """dL/dW [kh, kw, Ci, Co] of a dense conv from its input x [B, H, W, Ci] and output
-    gradient g [B, Ho, Wo, Co]: one [Ci, B*Ho*Wo] x [B*Ho*Wo, Co] matmul per tap."""
-    grads = [lax.dot_general(tap, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [Ci, Co]
-             for _, _, tap in _taps(_pad(x, padding), w_shape[:2], strides, g.shape[1:3])]
-    return jnp.stack(grads).reshape(w_shape)  # [kh, kw, Ci, Co], float32
+    gradient g [B, Ho, Wo, Co], in float32: one [Ci, B*Ho*Wo] x [B*Ho*Wo, Co] matmul per tap,
+    or, for thin inputs (a stem: 7*7*3 = 147), the taps concatenated into one matmul of depth
+    kh*kw*Ci (im2col; 1.9x faster there, its memory is kh*kw times the input's)."""
+    taps = [tap for _, _, tap in _taps(_pad(x, padding), w_shape[:2], strides, g.shape[1:3])]
+    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    if len(taps) * w_shape[2] <= _IM2COL_MAX_DEPTH:
+        grad = lax.dot_general(jnp.concatenate(taps, axis=-1), g, contract,
+                               preferred_element_type=jnp.float32)  # [kh*kw*Ci, Co]
+        return grad.reshape(w_shape)
+    grads = [lax.dot_general(tap, g, contract, preferred_element_type=jnp.float32)  # [Ci, Co]
+             for tap in taps]
+    return jnp.stack(grads).reshape(w_shape)  # [kh, kw, Ci, Co]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
