@@ -237,9 +237,9 @@ def main(argv=None) -> dict:
                 report["results"].append({"step": kind, "dtype": dtype,
                                           "error": f"{type(e).__name__}: {e}"})
             print(f"{kind} {dtype} done", file=sys.stderr, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+            if args.out:  # after every cell: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=2)
     print(format_table(report))
     return report
 
