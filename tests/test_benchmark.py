@@ -1,4 +1,4 @@
-"""experiments.benchmark on its --tiny configuration: every figure is produced."""
+"""experiments.benchmark and benchmark_data on their --tiny configurations: every figure is produced."""
 import io
 import json
 import math
