@@ -4,7 +4,9 @@ Measures, on whatever devices JAX sees (CPU or GPU, unchanged):
 
 * teacher training, per architecture and compute dtype: compile time, images/s of the bare
   jitted step (a Python loop over pre-placed device batches, one block_until_ready at the end),
-  FLOPs per image from XLA's cost analysis and the achieved FLOP/s; and images/s of the
+  FLOPs per image counted from the jaxpr (`experiments.flops`: convolutions and matmuls, right
+  on every platform, unlike XLA's cost analysis on GPU), the achieved FLOP/s and the model
+  FLOP utilisation against the device's peak (known GPUs only); and images/s of the
   engine's loop (`rosjax.train.loop.fit` over an in-memory grain iterator of host batches,
   the same compiled step, compile excluded) with its ratio to the bare step;
 * distillation, per dtype: the online step (every teacher runs on the batch, then the student
@@ -23,6 +25,7 @@ measurement (a run cut short by a timeout leaves what it measured).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmark_data
+from experiments import flops as flops_lib
 from rosjax import models
 from rosjax.config import PAPER_TEACHERS, OptimConfig
 from rosjax.data import pipeline
@@ -123,11 +127,13 @@ def new_state(arch: str, dtype: str, args, mesh, seed: int = 0) -> TrainState:
     return jax.device_put(state, parallel.replicated(mesh))
 
 
-def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, float | None]:
-    """AOT-compiles `jitted` for `example_args`: (compiled, seconds, FLOPs per call or None).
+def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, dict[str, float | None]]:
+    """AOT-compiles `jitted` for `example_args`: (compiled, seconds, FLOPs per call).
 
-    XLA's cost analysis describes the program of one device; with the batch split over N
-    devices the whole step is N times that.
+    The FLOPs are {'jaxpr': counted from the jaxpr by `experiments.flops` (convolutions and
+    matmuls, the same on every platform), 'xla': XLA's cost analysis or None}. The latter is
+    kept to show the gap: on GPU it misses the cuDNN convolutions. It describes the program of
+    one device; with the batch split over N devices the whole step is N times that.
     """
     start = time.perf_counter()
     compiled = jitted.lower(*example_args).compile()
@@ -135,9 +141,9 @@ def compile_step(jitted, example_args: tuple) -> tuple[Callable, float, float | 
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    total = float(flops) * jax.device_count() if flops and flops > 0 else None
-    return compiled, seconds, total
+    xla = (cost or {}).get("flops")
+    return compiled, seconds, {"jaxpr": flops_lib.count_flops(jitted, *example_args),
+                               "xla": float(xla) * jax.device_count() if xla and xla > 0 else None}
 
 
 def time_bare(compiled, state, device_batches, key, args, *, frozen=None):
@@ -182,27 +188,61 @@ def precision(state, metrics) -> dict[str, str]:
             "loss": str(metrics["loss"].dtype)}
 
 
-def throughput(images_per_s: float, flops_per_step: float | None, batch: int) -> dict:
-    per_image = None if flops_per_step is None else flops_per_step / batch
+def throughput(images_per_s: float, flops_per_step: dict[str, float | None], batch: int,
+               dtype: str) -> dict:
+    """images/s, FLOPs per image (jaxpr count; XLA's beside it), FLOP/s and the model FLOP
+    utilisation: FLOP/s over the peak of all devices in `dtype` (None for unknown devices)."""
+    per_image = flops_per_step["jaxpr"] / batch
+    xla = flops_per_step["xla"]
+    peak = flops_lib.peak_flop_per_s(jax.devices()[0].device_kind, dtype)
     return {"images_per_s": images_per_s, "flops_per_image": per_image,
-            "flop_per_s": None if per_image is None else per_image * images_per_s}
+            "xla_flops_per_image": None if xla is None else xla / batch,
+            "flop_per_s": per_image * images_per_s,
+            "mfu": None if peak is None else per_image * images_per_s / (peak * jax.device_count())}
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
-    """One architecture's supervised train step: compile, bare loop, fit loop."""
+@dataclasses.dataclass
+class Prepared:
+    """A compiled step ready to time: call it as `compiled(state, [frozen,] batch, key)`."""
+    compiled: Callable
+    state: TrainState
+    device_batches: list
+    host_batches: list
+    key: jax.Array
+    compile_s: float
+    flops: dict[str, float | None]
+    frozen: Any = None
+
+    def time(self, args) -> tuple[Any, float]:
+        """One bare timing (`time_bare`); the state moves on. Returns (metrics, images/s)."""
+        self.state, metrics, ips = time_bare(self.compiled, self.state, self.device_batches,
+                                             self.key, args, frozen=self.frozen)
+        return metrics, ips
+
+
+def prepare_teacher(arch: str, dtype: str, args, mesh) -> Prepared:
+    """One architecture's supervised train step, compiled, on 2 random device batches."""
     state = new_state(arch, dtype, args, mesh)
     jitted = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=False), mesh)
     batches = host_batches(args, 2)
     device = [parallel.shard_batch(b, mesh) for b in batches]
     key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     compiled, compile_s, flops = compile_step(jitted, (state, device[0], key))
-    state, metrics, bare = time_bare(compiled, state, device, key, args)
-    record = {"arch": arch, "dtype": dtype, "compile_s": compile_s,
-              **throughput(bare, flops, args.batch_size), "precision": precision(state, metrics)}
-    record["fit_images_per_s"] = time_fit(compiled, state, batches, args, mesh)
+    return Prepared(compiled, state, device, batches, key, compile_s, flops)
+
+
+def measure_teacher(arch: str, dtype: str, args, mesh) -> dict[str, Any]:
+    """One architecture's supervised train step: compile, bare loop, fit loop."""
+    prepared = prepare_teacher(arch, dtype, args, mesh)
+    metrics, bare = prepared.time(args)
+    record = {"arch": arch, "dtype": dtype, "compile_s": prepared.compile_s,
+              **throughput(bare, prepared.flops, args.batch_size, dtype),
+              "precision": precision(prepared.state, metrics)}
+    record["fit_images_per_s"] = time_fit(prepared.compiled, prepared.state,
+                                          prepared.host_batches, args, mesh)
     record["fit_over_bare"] = record["fit_images_per_s"] / bare
     return record
 
@@ -217,8 +257,9 @@ def make_teachers(args, dtype: str, mesh) -> list[tuple[Callable, Any]]:
     return teachers
 
 
-def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
-    """The online distillation step against the cached one (same student, same batch size)."""
+def prepare_online_distill(dtype: str, args, mesh) -> tuple[Callable, Prepared]:
+    """(the distillation step function, its online form compiled): every teacher runs on the
+    batch, as `parallel.jit_train_step(step, mesh, frozen=teachers)` compiles it."""
     teachers = make_teachers(args, dtype, mesh)
     apply_fns = tuple(apply for apply, _ in teachers)
     rule = weight_rule("exponential", len(teachers))
@@ -226,31 +267,37 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     distill_step = make_distill_step(apply_fns, tau=0.5, alpha=0.9, multilabel=False)
     key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    common = {"dtype": dtype, "student": args.student, "teachers": list(args.teachers)}
-    records = []
-
-    # Online: the step `parallel.jit_train_step(step, mesh, frozen=teachers)` compiles.
     state = new_state(args.student, dtype, args, mesh)
-    device = [parallel.shard_batch(b, mesh) for b in host_batches(args, 2)]
+    batches = host_batches(args, 2)
+    device = [parallel.shard_batch(b, mesh) for b in batches]
     online = jax.jit(distill_step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
                      donate_argnums=(0,))
     compiled, compile_s, flops = compile_step(online, (state, frozen, device[0], key))
-    state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=frozen)
-    records.append({**common, "mode": "online", "compile_s": compile_s,
-                    **throughput(ips, flops, args.batch_size),
-                    "precision": precision(state, metrics)})
-    del state, device, compiled
+    return distill_step, Prepared(compiled, state, device, batches, key, compile_s, flops, frozen)
+
+
+def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
+    """The online distillation step against the cached one (same student, same batch size)."""
+    distill_step, online = prepare_online_distill(dtype, args, mesh)
+    key = online.key
+    common = {"dtype": dtype, "student": args.student, "teachers": list(args.teachers)}
+    metrics, ips = online.time(args)
+    records = [{**common, "mode": "online", "compile_s": online.compile_s,
+                **throughput(ips, online.flops, args.batch_size, dtype),
+                "precision": precision(online.state, metrics)}]
+    del online
 
     # Cached: the student step alone, teacher logits [B, K, C] in the batch.
     state = new_state(args.student, dtype, args, mesh)
     device = [parallel.shard_batch(b, mesh)
-              for b in host_batches(args, 2, num_teachers=len(teachers))]
-    cached_inputs = jax.device_put(DistillInputs(teachers=(), rule=rule), rep)
+              for b in host_batches(args, 2, num_teachers=len(args.teachers))]
+    rep = parallel.replicated(mesh)
+    cached_inputs = jax.device_put(DistillInputs(teachers=(), rule=weight_rule("exponential", len(args.teachers))), rep)
     cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh, frozen=cached_inputs)
     compiled, compile_s, flops = compile_step(cached, (state, device[0], key))
     state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=cached_inputs)
     records.append({**common, "mode": "cached", "compile_s": compile_s,
-                    **throughput(ips, flops, args.batch_size),
+                    **throughput(ips, flops, args.batch_size, dtype),
                     "precision": precision(state, metrics),
                     "speedup_over_online": ips / records[0]["images_per_s"]})
     return records
@@ -329,7 +376,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", "Teacher training (bare: jitted step on device batches; fit: the engine's "
                   "loop, same step)",
                   f"{'arch':<14}{'dtype':<10}{'compile s':>10}{'img/s':>10}{'GFLOP/img':>11}"
-                  f"{'TFLOP/s':>9}{'fit img/s':>11}{'fit/bare':>9}"]
+                  f"{'TFLOP/s':>9}{'MFU':>7}{'fit img/s':>11}{'fit/bare':>9}"]
         for r in report["teachers"]:
             if "error" in r:
                 lines.append(f"{r['arch']:<14}{r['dtype']:<10}  error: {r['error']}")
@@ -338,13 +385,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['arch']:<14}{r['dtype']:<10}{r['compile_s']:>10.1f}{r['images_per_s']:>10.1f}"
                 f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f'):>11}"
                 f"{_fmt(r['flop_per_s'] and r['flop_per_s'] / 1e12, '.3f'):>9}"
+                f"{_fmt(r.get('mfu'), '.1%'):>7}"
                 f"{r['fit_images_per_s']:>11.1f}{r['fit_over_bare']:>9.2f}")
     if report.get("distill"):
         first = report["distill"][0]
         lines += ["", f"Distillation step: student {first.get('student')}, teachers "
                   f"{','.join(first.get('teachers', []))}",
                   f"{'dtype':<10}{'teachers':<10}{'compile s':>10}{'img/s':>10}{'GFLOP/img':>11}"
-                  f"{'TFLOP/s':>9}{'speedup':>9}"]
+                  f"{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"]
         for r in report["distill"]:
             if "error" in r:
                 lines.append(f"{r['dtype']:<10}{r.get('mode', '?'):<10}  error: {r['error']}")
@@ -353,6 +401,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['dtype']:<10}{r['mode']:<10}{r['compile_s']:>10.1f}{r['images_per_s']:>10.1f}"
                 f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f'):>11}"
                 f"{_fmt(r['flop_per_s'] and r['flop_per_s'] / 1e12, '.3f'):>9}"
+                f"{_fmt(r.get('mfu'), '.1%'):>7}"
                 f"{_fmt(r.get('speedup_over_online'), '.2f'):>9}")
     if report.get("cache"):
         r = report["cache"]

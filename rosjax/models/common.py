@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rosjax.models.conv import Conv
+
 
 def _fans(shape: Sequence[int]) -> tuple[int, int]:
     """(fan_in, fan_out) of a Flax kernel: HWIO for convolutions, [in, out] for dense layers.
@@ -69,12 +71,11 @@ def torch_linear_bias(fan_in: int) -> Callable[..., jax.Array]:
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-         dtype: Any, kernel_init=KAIMING_NORMAL_FAN_OUT, name: str) -> nn.Conv:
-    """A bias-free square convolution with torch's symmetric zero padding `padding`."""
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype,
-                   param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+         dtype: Any, kernel_init=KAIMING_NORMAL_FAN_OUT, name: str) -> Conv:
+    """A bias-free square convolution with torch's symmetric zero padding `padding`
+    (`rosjax.models.conv.Conv`: nn.Conv's variables, fast gradients on XLA:CPU too)."""
+    return Conv(features, kernel, strides=stride, padding=padding, groups=groups, dtype=dtype,
+                kernel_init=kernel_init, name=name)
 
 
 def batch_norm(*, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
