@@ -43,7 +43,8 @@ from rosjax import models
 from rosjax.config import PAPER_TEACHERS, OptimConfig
 from rosjax.data import pipeline
 from rosjax.distill import cache as cache_lib
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill.steps import DistillInputs, make_distill_step
+from rosjax.distill.weighting import weight_rule
 from rosjax.train import loop, optim, parallel, steps
 from rosjax.train.state import TrainState
 
@@ -220,7 +221,8 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     """The online distillation step against the cached one (same student, same batch size)."""
     teachers = make_teachers(args, dtype, mesh)
     apply_fns = tuple(apply for apply, _ in teachers)
-    frozen = tuple(v for _, v in teachers)
+    rule = weight_rule("exponential", len(teachers))
+    frozen = DistillInputs(teachers=tuple(v for _, v in teachers), rule=rule)
     distill_step = make_distill_step(apply_fns, tau=0.5, alpha=0.9, multilabel=False)
     key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -243,9 +245,10 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
     state = new_state(args.student, dtype, args, mesh)
     device = [parallel.shard_batch(b, mesh)
               for b in host_batches(args, 2, num_teachers=len(teachers))]
-    cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh)
+    cached_inputs = jax.device_put(DistillInputs(teachers=(), rule=rule), rep)
+    cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh, frozen=cached_inputs)
     compiled, compile_s, flops = compile_step(cached, (state, device[0], key))
-    state, metrics, ips = time_bare(compiled, state, device, key, args)
+    state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=cached_inputs)
     records.append({**common, "mode": "cached", "compile_s": compile_s,
                     **throughput(ips, flops, args.batch_size),
                     "precision": precision(state, metrics),

@@ -19,15 +19,15 @@ synchronously, before a manager opens; Orbax's own background clean-up is off, b
 of them (one per manager opened on a directory) could delete the same folder at once. A
 process holds at most one `RunCheckpoints` per work directory at a time.
 
-Integrity: once a step is on disk (the manager's finalize thread is done), a background
-thread writes `<step>/rosjax_manifest.json`, the size and sha256 of every file of the step.
-Restores check it first. `restore_latest` falls back, with a WARNING naming the damaged
-folder, to the newest earlier step that is intact, and moves the damaged newer steps to
-`<workdir>/damaged/` (so the resumed run can write those steps again); if no step is intact
-it raises `CheckpointError`. A step without a manifest (the process died between the save
-and the manifest) is unverified: it counts as damaged if it fails to restore or restores
-non-finite values. Restores take an abstract target (shapes, dtypes, shardings of the
-*current* mesh), so a run can resume on a different number of devices.
+Integrity (the file checks are `rosjax.checkpoint_integrity`'s): once a step is on disk (the
+manager's finalize thread is done), a background thread writes its checksum manifest.
+Restores check it first. `restore_latest` falls back, with a WARNING naming the damaged folder,
+to the newest earlier step that is intact, and moves the damaged newer steps to
+`<workdir>/damaged/` (so the resumed run can write those steps again); if no step is intact it
+raises `CheckpointError`. A step without a manifest (the process died between the save and the
+manifest) is unverified: it counts as damaged if it fails to restore or restores non-finite
+values. Restores take an abstract target (shapes, dtypes, shardings of the *current* mesh), so
+a run can resume on a different number of devices.
 
 `save_variables` / `load_variables` store finished models ({'params', 'batch_stats'}) for the
 notebook loader and the distillation stage, with the same manifest.
@@ -35,35 +35,26 @@ notebook loader and the distillation stage, with the same manifest.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 import os
 import pathlib
-import shutil
 import threading
 from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from rosjax import checkpoint_integrity as integrity
+from rosjax import checkpoint_meta
 from rosjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 _LATEST_DIR = "ckpt"
 _BEST_DIR = "best"
-_DAMAGED_DIR = "damaged"
 _BEST_METRIC = "value"
-MANIFEST_FILE = "rosjax_manifest.json"
-_ORBAX_TMP = ".orbax-checkpoint-tmp"
-_MANIFEST_FORMAT = 1
-
-_INTACT, _UNVERIFIED, _DAMAGED = "intact", "unverified", "damaged"
 
 
 class CheckpointError(UserError, ValueError):
@@ -84,86 +75,6 @@ def _sync(name: str) -> None:
         ocp.multihost.sync_global_processes(f"{name}.{next(_barriers)}")
 
 
-def _files_of(folder: pathlib.Path) -> list[pathlib.Path]:
-    """Every file under `folder` (sorted), except the manifest and its temporary copy."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not p.name.startswith(MANIFEST_FILE))
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str | os.PathLike) -> None:
-    """Writes `<folder>/rosjax_manifest.json`: size and sha256 of every file under `folder`.
-
-    Call it only on a finished checkpoint folder. The write is atomic (temporary file + rename).
-    """
-    folder = pathlib.Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files_of(folder)}
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "files": files}, indent=0))
-    os.replace(tmp, folder / MANIFEST_FILE)
-
-
-def check_folder(folder: str | os.PathLike) -> tuple[str, str | None]:
-    """('intact', None), ('unverified', why) or ('damaged', why) for a checkpoint folder.
-
-    Intact: every file listed in the manifest is there with its size and sha256. Unverified:
-    there is no manifest. Files that are not in the manifest are not checked.
-    """
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        return _DAMAGED, "the folder is missing"
-    manifest = folder / MANIFEST_FILE
-    if not manifest.exists():
-        return _UNVERIFIED, "it has no checksum manifest"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        listed = [(name, int(entry["size"]), str(entry["sha256"]))
-                  for name, entry in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return _DAMAGED, f"its manifest {MANIFEST_FILE} is unreadable ({e})"
-    for name, size, sha in listed:
-        path = folder / name
-        if not path.is_file():
-            return _DAMAGED, f"{name} is missing"
-        if path.stat().st_size != size:
-            return _DAMAGED, f"{name} has {path.stat().st_size} bytes, {size} were written"
-        if _sha256(path) != sha:
-            return _DAMAGED, f"{name} does not match its sha256 checksum"
-    return _INTACT, None
-
-
-def _remove_tmp_folders(directory: pathlib.Path) -> None:
-    """Removes the temporary folders of unfinished saves in `directory` (synchronously)."""
-    if not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if _ORBAX_TMP in path.name:
-            log.info("removing the unfinished checkpoint %s", path)
-            shutil.rmtree(path, ignore_errors=True)
-            if path.exists():  # ignore_errors hides real failures: try once more, loudly
-                shutil.rmtree(path)
-
-
-@jax.jit
-def _finite(leaves: list) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def _all_finite(tree: Any) -> bool:
-    """Whether every float in `tree` is finite (one compiled reduction over all leaves)."""
-    leaves = [x for x in jax.tree.leaves(tree)
-              if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jnp.inexact)]
-    return not leaves or bool(_finite(leaves))
-
-
 _open_lock = threading.Lock()
 _open_dirs: set[pathlib.Path] = set()
 
@@ -172,28 +83,6 @@ def abstract_like(tree: Any) -> Any:
     """Shapes, dtypes and shardings of a pytree of arrays: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         tree)
-
-
-class _IteratorState:
-    """A frozen iterator position in the form grain's Orbax handler saves and restores.
-
-    The loop prefetches batches, so the live iterator is ahead of the last batch trained on;
-    it records the position after each batch and saves that one. Grain's handler writes
-    `get_state()` as text (one file per process) and on restore calls `set_state()` and
-    `start_prefetch()`.
-    """
-
-    def __init__(self, state: dict | None = None):
-        self.state = state
-
-    def get_state(self) -> bytes:
-        return json.dumps(self.state).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self.state = json.loads(state)
-
-    def start_prefetch(self) -> None:
-        """Nothing to prefetch: this object only carries a position."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,13 +100,39 @@ def _best_metric(metrics: dict[str, float]) -> float:
     return metrics[_BEST_METRIC]
 
 
-def _key_to_json(key: jax.Array) -> dict[str, Any]:
-    return {"impl": str(jax.random.key_impl(key)),
-            "data": np.asarray(jax.random.key_data(key)).tolist()}
+def _claim_directory(root: pathlib.Path) -> None:
+    """Registers `root` as open in this process; RuntimeError if it already is."""
+    with _open_lock:
+        if root in _open_dirs:
+            raise RuntimeError(f"checkpoints of {root} are already open in this process; "
+                               "close() them before opening them again")
+        _open_dirs.add(root)
 
 
-def _key_from_json(payload: dict[str, Any]) -> jax.Array:
-    return jax.random.wrap_key_data(np.asarray(payload["data"], np.uint32), impl=payload["impl"])
+def _latest_manager(directory: pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    """The resume checkpoints' manager: keeps the latest `keep` steps."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
+
+
+def _best_manager(directory: pathlib.Path, best_mode: str, async_save: bool) -> ocp.CheckpointManager:
+    """The best checkpoint's manager: best_fn makes Orbax store the metric with each step, and
+    BestN(n=1) deletes all but the best."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        best_fn=_best_metric, best_mode=best_mode,
+        preservation_policy=ocp.checkpoint_managers.BestN(
+            get_metric_fn=_best_metric, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
+
+
+def _save_items(state: Any, run_key: jax.Array, meta: dict[str, Any], extras: dict[str, Any] | None) -> dict:
+    """The Orbax items of a checkpoint: the state, the meta with the run key, the extras if any."""
+    items = {"state": ocp.args.StandardSave(state),
+             "meta": ocp.args.JsonSave({**meta, "run_key": checkpoint_meta.key_to_json(run_key)})}
+    if extras:
+        items["extras"] = ocp.args.StandardSave(extras)
+    return items
 
 
 class RunCheckpoints:
@@ -234,11 +149,7 @@ class RunCheckpoints:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         root = pathlib.Path(workdir).expanduser().absolute()
-        with _open_lock:
-            if root in _open_dirs:
-                raise RuntimeError(f"checkpoints of {root} are already open in this process; "
-                                   "close() them before opening them again")
-            _open_dirs.add(root)
+        _claim_directory(root)
         self._root, self._closed = root, False
         self._best_mode, self._best_value = best_mode, None
         self._async = async_save
@@ -247,23 +158,11 @@ class RunCheckpoints:
         try:
             # Unfinished saves of an earlier process: removed before any manager looks.
             if _is_primary():
-                _remove_tmp_folders(root / _LATEST_DIR)
-                _remove_tmp_folders(root / _BEST_DIR)
+                integrity.remove_tmp_folders(root / _LATEST_DIR)
+                integrity.remove_tmp_folders(root / _BEST_DIR)
             _sync("rosjax_checkpoint_tmp_cleanup")
-            self._latest = ocp.CheckpointManager(
-                root / _LATEST_DIR,
-                options=ocp.CheckpointManagerOptions(
-                    preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-                    enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
-            # best_fn makes Orbax store the metric with each step; BestN(n=1) deletes the others.
-            self._best = ocp.CheckpointManager(
-                root / _BEST_DIR,
-                options=ocp.CheckpointManagerOptions(
-                    best_fn=_best_metric, best_mode=best_mode,
-                    preservation_policy=ocp.checkpoint_managers.BestN(
-                        get_metric_fn=_best_metric, reverse=best_mode == "min", n=1,
-                        keep_checkpoints_without_metrics=False),
-                    enable_async_checkpointing=async_save, cleanup_tmp_directories=False))
+            self._latest = _latest_manager(root / _LATEST_DIR, keep, async_save)
+            self._best = _best_manager(root / _BEST_DIR, best_mode, async_save)
         except BaseException:
             self.close()
             raise
@@ -294,7 +193,7 @@ class RunCheckpoints:
             return
         folder = self._folder(manager, step)
         if not self._async:
-            _write_manifest_logged(folder)
+            integrity.write_manifest_if_present(folder)
             return
 
         def when_finished():
@@ -302,7 +201,7 @@ class RunCheckpoints:
                 manager.wait_until_finished()  # safe from several threads (Orbax joins)
             except BaseException:  # noqa: BLE001 - the training thread sees it on its next wait
                 return
-            _write_manifest_logged(folder)
+            integrity.write_manifest_if_present(folder)
 
         thread = threading.Thread(target=when_finished, name=f"rosjax-manifest-{step}",
                                   daemon=True)
@@ -319,11 +218,8 @@ class RunCheckpoints:
 
         `iterator_state` is the train iterator's `get_state()` after the last batch trained on.
         """
-        items = {"state": ocp.args.StandardSave(state),
-                 "data": grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
-                 "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
-        if extras:
-            items["extras"] = ocp.args.StandardSave(extras)
+        items = {**_save_items(state, run_key, meta, extras),
+                 "data": grain.checkpoint.CheckpointSave(checkpoint_meta.IteratorPosition(iterator_state))}
         self._join_manifests()  # Orbax waits for the previous save here anyway
         self._latest.save(step, args=ocp.args.Composite(**items))
         self._after_save(self._latest, step)
@@ -346,10 +242,7 @@ class RunCheckpoints:
             return False
         if step in self._best.all_steps():
             return False
-        items = {"state": ocp.args.StandardSave(state),
-                 "meta": ocp.args.JsonSave({**meta, "run_key": _key_to_json(run_key)})}
-        if extras:
-            items["extras"] = ocp.args.StandardSave(extras)
+        items = _save_items(state, run_key, meta, extras)
         self._join_manifests()
         self._best.save(step, args=ocp.args.Composite(**items),
                         metrics={_BEST_METRIC: float(value)})
@@ -405,16 +298,7 @@ class RunCheckpoints:
         """Moves damaged step folders to <workdir>/damaged/ and makes the manager forget them."""
         _sync("rosjax_checkpoint_set_aside_start")
         if _is_primary():
-            target_dir = self._root / _DAMAGED_DIR
-            target_dir.mkdir(exist_ok=True)
-            for folder in folders:
-                target, n = target_dir / f"{folder.parent.name}-{folder.name}", 1
-                while target.exists():
-                    target, n = target_dir / f"{folder.parent.name}-{folder.name}.{n}", n + 1
-                if folder.exists():
-                    os.replace(folder, target)
-                    log.warning("moved the damaged checkpoint %s to %s (delete it when no "
-                                "longer needed)", folder, target)
+            integrity.move_aside(folders, self._root)
         _sync("rosjax_checkpoint_set_aside_done")
         self._latest.reload()
 
@@ -441,22 +325,22 @@ class RunCheckpoints:
         A verified step that fails to restore raises (the files are as written: the target
         does not fit them, e.g. another model); an unverified one counts as damaged.
         """
-        status, problem = check_folder(self._folder(manager, step))
-        if status == _DAMAGED:
+        status, problem = integrity.check_folder(self._folder(manager, step))
+        if status == integrity.DAMAGED:
             return None, problem
         try:
             restored = self._restore(manager, step, abstract_state, abstract_extras, with_data)
         except Exception as e:  # noqa: BLE001
-            if status == _INTACT:
+            if status == integrity.INTACT:
                 raise
             return None, f"{problem} and does not restore ({type(e).__name__}: {e})"
-        if status == _UNVERIFIED and not _all_finite((restored.state, restored.extras)):
+        if status == integrity.UNVERIFIED and not integrity.all_finite((restored.state, restored.extras)):
             return None, f"{problem} and restores non-finite values"
         return restored, None
 
     @staticmethod
     def _restore(manager, step, abstract_state, abstract_extras, with_data) -> Restored:
-        position = _IteratorState()
+        position = checkpoint_meta.IteratorPosition()
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if abstract_extras:
             items["extras"] = ocp.args.StandardRestore(abstract_extras)
@@ -464,7 +348,7 @@ class RunCheckpoints:
             items["data"] = grain.checkpoint.CheckpointRestore(position)
         restored = manager.restore(step, args=ocp.args.Composite(**items))
         meta = dict(restored["meta"])
-        run_key = _key_from_json(meta.pop("run_key"))
+        run_key = checkpoint_meta.key_from_json(meta.pop("run_key"))
         extras = dict(restored["extras"]) if abstract_extras else {}
         return Restored(step=step, state=restored["state"], extras=extras, run_key=run_key,
                         meta=meta, iterator_state=position.state if with_data else None)
@@ -498,15 +382,6 @@ class RunCheckpoints:
                 _open_dirs.discard(self._root)
 
 
-def _write_manifest_logged(folder: pathlib.Path) -> None:
-    """`write_manifest` for a save that may have failed or been deleted meanwhile."""
-    try:
-        if folder.is_dir():
-            write_manifest(folder)
-    except OSError as e:  # e.g. the step was deleted by the preservation policy meanwhile
-        log.warning("could not write the checksum manifest of %s: %s", folder, e)
-
-
 def save_variables(path: str | os.PathLike, variables: Any) -> None:
     """Writes a finished model's variables (any pytree of arrays) to the folder `path`.
 
@@ -521,7 +396,7 @@ def save_variables(path: str | os.PathLike, variables: Any) -> None:
     finally:
         checkpointer.close()
     if _is_primary():
-        write_manifest(path)
+        integrity.write_manifest(path)
     _sync("rosjax_save_variables_manifest")
 
 
@@ -539,8 +414,8 @@ def load_variables(path: str | os.PathLike,
         raise FileNotFoundError(f"no saved variables at {path}")
     how_to_fix = (f"delete {path} and rerun the stage that wrote it (for a training stage, "
                   "also delete its work directory to retrain)")
-    status, problem = check_folder(path)
-    if status == _DAMAGED:
+    status, problem = integrity.check_folder(path)
+    if status == integrity.DAMAGED:
         raise CheckpointError(f"saved variables {path} are damaged: {problem}; {how_to_fix}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = ocp.StandardCheckpointer()
@@ -550,13 +425,13 @@ def load_variables(path: str | os.PathLike,
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
         variables = checkpointer.restore(path, target)
     except Exception as e:  # noqa: BLE001
-        if status == _INTACT:
+        if status == integrity.INTACT:
             raise
         raise CheckpointError(f"saved variables {path} ({problem}) do not restore "
                               f"({type(e).__name__}: {e}); {how_to_fix}") from e
     finally:
         checkpointer.close()
-    if status == _UNVERIFIED and not _all_finite(variables):
+    if status == integrity.UNVERIFIED and not integrity.all_finite(variables):
         raise CheckpointError(f"saved variables {path} ({problem}) hold non-finite values; "
                               f"{how_to_fix}")
     return variables

@@ -26,7 +26,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rosjax import data
-from rosjax.data import DataError, builder_utils, isic2019, nih_chestxray14
+from rosjax.data import DataError, builder_utils, downloads, input_files, isic2019, nih_chestxray14, resizing
 from rosjax.data.isic2019 import isic2019_dataset_builder as isic_builder_module
 
 ISIC_DIR = data.sample_dir("isic2019")
@@ -111,7 +111,7 @@ def test_16_bit_greyscale_is_scaled_not_clipped(fmt):
         encoded = out.getvalue()
         assert PIL.Image.open(io.BytesIO(encoded)).mode == "I"
     for mode, channels in (("L", 1), ("RGB", 3)):
-        jpeg = builder_utils.resize_to_square(encoded, name="x", mode=mode, size=96)
+        jpeg = resizing.resize_to_square(encoded, name="x", mode=mode, size=96)
         img = np.asarray(PIL.Image.open(io.BytesIO(jpeg)), np.float32).reshape(96, 96, channels)
         for band, expected in enumerate((0, 128, 255)):
             centre = img[32 * band + 8:32 * band + 24, 8:88]  # 8x8 JPEG blocks inside the band
@@ -274,7 +274,7 @@ def test_oversized_zip_member_is_refused_before_it_is_read(tmp_path, monkeypatch
         for info in src.infolist():
             dst.writestr(info, b"\0" * (1 << 20) if info.filename == big else src.read(info))
     assert (tmp_path / "manual" / ZIP).stat().st_size < 200_000  # 1 MiB of zeros: ~1 KB
-    monkeypatch.setattr(builder_utils, "MAX_MEMBER_BYTES", 256 << 10)
+    monkeypatch.setattr(input_files, "MAX_MEMBER_BYTES", 256 << 10)
     spy = _Spy(zipfile.ZipFile.open)
     monkeypatch.setattr(zipfile.ZipFile, "open", spy)
     with pytest.raises(DataError) as e:
@@ -296,7 +296,7 @@ def test_oversized_tar_member_is_refused_before_it_is_read(tmp_path, monkeypatch
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     assert archive.stat().st_size < 200_000
-    monkeypatch.setattr(builder_utils, "MAX_MEMBER_BYTES", 256 << 10)
+    monkeypatch.setattr(input_files, "MAX_MEMBER_BYTES", 256 << 10)
     spy = _Spy(tarfile.TarFile.extractfile)
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
     with pytest.raises(DataError, match=f"{archive}: member images/{names[1]} is 1,048,576 "
@@ -316,7 +316,7 @@ def test_download_never_names_every_missing_file_at_once(tmp_path):
     manual.mkdir()
     shutil.copy(ISIC_DIR / META, manual)
     with mock.patch.object(tfds.download.DownloadManager, "download", _no_network), \
-            mock.patch.object(builder_utils, "unreachable", _no_network):
+            mock.patch.object(downloads, "unreachable", _no_network):
         start = time.monotonic()
         with pytest.raises(DataError) as e:
             prepare(tmp_path, manual, download="never")
@@ -333,7 +333,7 @@ def test_download_never_nih_names_the_twelve_archives(tmp_path):
     manual.mkdir()
     shutil.copy(NIH_DIR / NIH_CSV, manual)
     with mock.patch.object(tfds.download.DownloadManager, "download", _no_network), \
-            mock.patch.object(builder_utils, "unreachable", _no_network):
+            mock.patch.object(downloads, "unreachable", _no_network):
         start = time.monotonic()
         with pytest.raises(DataError) as e:
             prepare(tmp_path, manual, name="nih_chestxray14", download="never")

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from rosjax import data
-from rosjax.data import CorruptImageError, DataError, builder_utils, isic2019, make_samples, nih_chestxray14
+from rosjax.data import CorruptImageError, DataError, downloads, isic2019, make_samples, nih_chestxray14
 from rosjax.data.nih_chestxray14 import nih_chestxray14_dataset_builder as nih_builder_module
 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -212,7 +212,7 @@ def test_isic_downloads_from_the_second_host_when_the_first_fails(tmp_path):
         return tmp_path / "files" / url.rsplit("/", 1)[-1]
 
     with mock.patch.object(tfds.download.DownloadManager, "download", fake_download), \
-            mock.patch.object(builder_utils, "unreachable", lambda url: None):
+            mock.patch.object(downloads, "unreachable", lambda url: None):
         ds = prepare_tmp(tmp_path, tmp_path / "empty_manual")
     assert len(ds) == 16
     for name in (GT, META, "ISIC_2019_Training_Input.zip"):
@@ -228,7 +228,7 @@ def test_isic_missing_file_offline_names_file_urls_and_manual_dir(tmp_path):
     manual.mkdir()
     shutil.copy(ISIC_DIR / META, manual)
     with mock.patch.object(tfds.download.DownloadManager, "download", offline), \
-            mock.patch.object(builder_utils, "unreachable", lambda url: None):
+            mock.patch.object(downloads, "unreachable", lambda url: None):
         with pytest.raises(DataError) as e:
             prepare_tmp(tmp_path, manual)
     msg = str(e.value)
@@ -478,7 +478,7 @@ def test_nih_downloads_and_checks_archives_when_there_are_no_images(tmp_path):
         return {k: NIH_DIR / url.rsplit("/", 1)[-1] for k, url in urls.items()}
 
     with mock.patch.object(tfds.download.DownloadManager, "download", fake_download), \
-            mock.patch.object(builder_utils, "unreachable", lambda url: None), \
+            mock.patch.object(downloads, "unreachable", lambda url: None), \
             mock.patch.object(nih_builder_module, "ARCHIVES", fake):
         assert len(prepare_tmp(tmp_path, manual, name="nih_chestxray14")) == 120
         broken = (fake[0], dataclasses.replace(fake[1], md5="0" * 32))

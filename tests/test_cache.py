@@ -9,13 +9,15 @@ import optax
 import pytest
 
 from rosjax import models
-from rosjax.data import pipeline
+from rosjax.data import device_augment, pipeline
 from rosjax.distill import cache
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill.steps import DistillInputs, make_distill_step
+from rosjax.distill.weighting import weight_rule
 from rosjax.train import parallel
 from rosjax.train.state import TrainState
 
 SIZE, CLASSES, BATCH, VIEWS, SEED = 16, 3, 8, 2, 5
+STORED = (24, 26)  # holds every image of images(): device batches are padded to it
 ROWS = np.arange(2, 18)  # 16 of the 20 source rows: 2 batches per epoch
 AUGMENT = pipeline.AugmentConfig.dermoscopy()  # crop, both flips, rotation, colour jitter
 MODEL = models.create("tiny_cnn", CLASSES)
@@ -48,7 +50,8 @@ def host_variables(model, seed):
 
 TEACHER_VARIABLES = [host_variables(MODEL, 1), host_variables(MODEL, 2)]
 TEACHERS = [(MODEL.apply, v) for v in TEACHER_VARIABLES]
-BUILD = dict(image_size=SIZE, augment=AUGMENT, num_views=VIEWS, seed=SEED, batch_size=BATCH)
+BUILD = dict(image_size=SIZE, augment=AUGMENT, num_views=VIEWS, seed=SEED, batch_size=BATCH,
+             stored_shape=STORED)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,15 @@ def reference_logits(batch_images):
 
 def take(iterator, count):
     return [next(iterator) for _ in range(count)]
+
+
+def pixels(batch):
+    """float32 [B, S, S, C]: the batch's views rendered as the steps render them."""
+    return np.asarray(device_augment.rendered(batch)["image"])
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 # ------------------------------------------------------------------------------- views
@@ -110,18 +122,18 @@ def test_replay_gives_the_online_views_then_wraps_around(built):
                                               batch_size=BATCH, seed=SEED, num_epochs=3), 6)
     online = list(pipeline.train_iterator(images(), ROWS, labels, image_size=SIZE,
                                           batch_size=BATCH, seed=SEED, augment=AUGMENT,
-                                          num_epochs=2))
+                                          num_epochs=2, stored_shape=STORED))
     for got, want in zip(replay[:4], online):  # epochs 0 and 1: views 0 and 1
-        for key in ("image", "label", "index"):
-            np.testing.assert_array_equal(got[key], want[key])
-    epoch0 = {int(r): im for b in replay[:2] for r, im in zip(b["index"], b["image"])}
+        for key in ("image", "view", "label", "index"):  # same pixels, same drawn views
+            assert_trees_equal(got[key], want[key])
+    epoch0 = {int(r): im for b in replay[:2] for r, im in zip(b["index"], pixels(b))}
     for batch in replay[4:]:  # epoch 2 replays view 0
-        for row, image in zip(batch["index"], batch["image"]):
+        for row, image in zip(batch["index"], pixels(batch)):
             np.testing.assert_array_equal(image, epoch0[int(row)])
-    for batch in replay:
+    for batch in replay:  # the stored logits are the teachers' on the view the student renders
         assert batch["teacher_logits"].shape == (BATCH, 2, CLASSES)
         assert batch["teacher_logits"].dtype == np.float32
-        np.testing.assert_allclose(batch["teacher_logits"], reference_logits(batch["image"]),
+        np.testing.assert_allclose(batch["teacher_logits"], reference_logits(pixels(batch)),
                                    rtol=1e-5, atol=1e-5)
     one = next(cache.cached_train_iterator(images(), ROWS, labels, built, image_size=SIZE,
                                            batch_size=BATCH, seed=SEED, teacher_indices=[1]))
@@ -139,7 +151,7 @@ def test_replay_resumes_from_iterator_state(built):
     resumed.set_state(state)
     for got, want in zip(take(resumed, 2), expected):
         for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+            assert_trees_equal(got[key], want[key])
 
 
 def test_cached_and_online_steps_give_the_same_loss_and_update(built):
@@ -157,10 +169,13 @@ def test_cached_and_online_steps_give_the_same_loss_and_update(built):
                                 multilabel=False)
     cached_step = cache.cached_distill_step(distill)
 
+    rule = weight_rule("exponential", 2)
+
     @jax.jit
     def both(state, teachers, batch, key):
         without = {k: v for k, v in batch.items() if k != "teacher_logits"}
-        return distill(state, teachers, without, key), cached_step(state, batch, key)
+        return (distill(state, DistillInputs(teachers=teachers, rule=rule), without, key),
+                cached_step(state, DistillInputs(teachers=(), rule=rule), batch, key))
 
     mesh = parallel.make_mesh()
     batches = take(cache.cached_train_iterator(images(), ROWS, np.arange(20) % CLASSES, built,
@@ -196,6 +211,24 @@ class CountingSource:
             raise RuntimeError("simulated kill")
         self.reads += 1
         return self.records[row]
+
+
+def test_host_rendered_cache_replays_host_images(built, tmp_path):
+    """augment_on='host': the build renders with PIL and the replay ships those float images;
+    same views as the device-rendered cache, pixels and logits within the renderers' tolerance."""
+    host = cache.build_teacher_cache(TEACHERS, images(), ROWS, **BUILD, directory=tmp_path,
+                                     augment_on="host")
+    assert host.meta["augment_on"] == "host" and built.meta["augment_on"] == "device"
+    assert np.array_equal(host.views, built.views)
+    np.testing.assert_allclose(host.logits, built.logits, atol=0.05)
+    labels = np.zeros(20, np.int32)
+    kwargs = dict(image_size=SIZE, batch_size=BATCH, seed=SEED)
+    got = next(cache.cached_train_iterator(images(), ROWS, labels, host, **kwargs))
+    want = next(cache.cached_train_iterator(images(), ROWS, labels, built, **kwargs))
+    assert "view" not in got and got["image"].dtype == np.float32
+    np.testing.assert_allclose(got["image"], pixels(want), atol=2.5 / 255)
+    np.testing.assert_allclose(got["teacher_logits"], reference_logits(got["image"]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_build_resumes_after_a_kill(built, tmp_path):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from rosjax import checkpoint, models
+from rosjax import checkpoint, checkpoint_integrity, models
 from rosjax.config import OptimConfig
 from rosjax.train import classifier, loop, parallel, start
 
@@ -232,7 +232,7 @@ def _saved_steps(root: pathlib.Path, steps=(1, 2)) -> dict[int, dict]:
                        extras=jax.device_put(values["extras"]))
             saved[step] = values
     for step in steps:
-        assert (root / "ckpt" / str(step) / checkpoint.MANIFEST_FILE).is_file()
+        assert (root / "ckpt" / str(step) / checkpoint_integrity.MANIFEST_FILE).is_file()
     return saved
 
 
@@ -255,7 +255,7 @@ def _assert_restored(restored, values, step):
 def test_intact_checkpoints_restore_and_match_their_manifest(tmp_path):
     saved = _saved_steps(tmp_path)
     for step in (1, 2):
-        assert checkpoint.check_folder(tmp_path / "ckpt" / str(step)) == ("intact", None)
+        assert checkpoint_integrity.check_folder(tmp_path / "ckpt" / str(step)) == ("intact", None)
     state_t, extras_t = _targets(saved[2])
     with checkpoint.RunCheckpoints(tmp_path) as ckpts:
         _assert_restored(ckpts.restore_latest(abstract_state=state_t, abstract_extras=extras_t),
@@ -263,7 +263,7 @@ def test_intact_checkpoints_restore_and_match_their_manifest(tmp_path):
         _assert_restored(ckpts.restore(1, abstract_state=state_t, abstract_extras=extras_t),
                          saved[1], 1)
     # Restoring wrote nothing into the step folders: they still match their manifests.
-    assert checkpoint.check_folder(tmp_path / "ckpt" / "2") == ("intact", None)
+    assert checkpoint_integrity.check_folder(tmp_path / "ckpt" / "2") == ("intact", None)
 
 
 @pytest.mark.parametrize("kind", tw.DAMAGE_KINDS)
@@ -271,7 +271,7 @@ def test_damaged_latest_falls_back_to_the_earlier_step(tmp_path, caplog, kind):
     saved = _saved_steps(tmp_path)
     damaged = tmp_path / "ckpt" / "2"
     tw.damage(damaged, kind)
-    assert checkpoint.check_folder(damaged)[0] == "damaged"
+    assert checkpoint_integrity.check_folder(damaged)[0] == "damaged"
     state_t, extras_t = _targets(saved[1])
     with caplog.at_level(logging.WARNING, logger="rosjax.checkpoint"):
         with checkpoint.RunCheckpoints(tmp_path) as ckpts:
@@ -295,8 +295,8 @@ def test_damaged_latest_without_manifest_falls_back_when_it_does_not_restore(
         tmp_path, caplog, kind):
     """Killed between the save and its manifest: unverified; it counts if it restores."""
     saved = _saved_steps(tmp_path)
-    (tmp_path / "ckpt" / "2" / checkpoint.MANIFEST_FILE).unlink()
-    assert checkpoint.check_folder(tmp_path / "ckpt" / "2")[0] == "unverified"
+    (tmp_path / "ckpt" / "2" / checkpoint_integrity.MANIFEST_FILE).unlink()
+    assert checkpoint_integrity.check_folder(tmp_path / "ckpt" / "2")[0] == "unverified"
     state_t, extras_t = _targets(saved[1])
     with checkpoint.RunCheckpoints(tmp_path) as ckpts:  # unverified but whole: it is used
         _assert_restored(ckpts.restore_latest(abstract_state=state_t, abstract_extras=extras_t),
@@ -346,7 +346,7 @@ def test_load_variables_of_a_damaged_folder_is_a_clear_error(tmp_path, kind):
                  "batch_stats": {"mean": rng.normal(size=(32,)).astype(np.float32)}}
     checkpoint.save_variables(tmp_path / "model", jax.device_put(variables))
     checkpoint.save_variables(tmp_path / "model", jax.device_put(variables))  # overwrite: fresh
-    assert checkpoint.check_folder(tmp_path / "model") == ("intact", None)
+    assert checkpoint_integrity.check_folder(tmp_path / "model") == ("intact", None)
     tw.damage(tmp_path / "model", kind)
     with pytest.raises(checkpoint.CheckpointError,
                        match=rf"saved variables {tmp_path / 'model'} are damaged: .*delete "):
@@ -358,7 +358,7 @@ def test_load_variables_without_manifest(tmp_path):
     rng = np.random.default_rng(6)
     variables = {"params": {"w": rng.normal(size=(8, 4)).astype(np.float32)}}
     checkpoint.save_variables(tmp_path / "model", jax.device_put(variables))
-    (tmp_path / "model" / checkpoint.MANIFEST_FILE).unlink()
+    (tmp_path / "model" / checkpoint_integrity.MANIFEST_FILE).unlink()
     jax.tree.map(np.testing.assert_array_equal,
                  jax.device_get(checkpoint.load_variables(tmp_path / "model")), variables)
     tw.damage(tmp_path / "model", "broken_json")

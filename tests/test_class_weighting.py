@@ -158,7 +158,8 @@ def test_steps_apply_the_weights():
     """Weights 2 double the teacher step's loss and the student steps' CE (they reach the programs)."""
     from rosjax.config import OptimConfig  # noqa: PLC0415
     from rosjax.distill import rl_policy  # noqa: PLC0415
-    from rosjax.distill.steps import make_distill_step  # noqa: PLC0415
+    from rosjax.distill.steps import DistillInputs, make_distill_step  # noqa: PLC0415
+    from rosjax.distill.weighting import weight_rule  # noqa: PLC0415
     from rosjax.models import create  # noqa: PLC0415
     from rosjax.train import optim, parallel, steps  # noqa: PLC0415
     from rosjax.train.state import create_train_state  # noqa: PLC0415
@@ -177,7 +178,7 @@ def test_steps_apply_the_weights():
 
     def student(w):
         step = make_distill_step((None,) * k, tau=2.0, alpha=0.5, multilabel=False, class_weights=w)
-        return jax.jit(step)(state, (), batch, key)[1]
+        return jax.jit(step)(state, DistillInputs(teachers=(), rule=weight_rule("exponential", k)), batch, key)[1]
 
     assert float(teacher(two)["loss"]) == pytest.approx(2 * float(teacher(None)["loss"]), rel=1e-6)
     plain, doubled = student(None), student(two)

@@ -44,9 +44,14 @@ def run_cli(tmp_path, *argv):
     ("--data.eval_batch_size=30", "--data.eval_batch_size=30: must divide by the 4 devices"),
     ("--optim.milestones=2,9", "--optim.milestones=2,9: increasing epochs in 1..3"),
     ("--distill.student=resnet19", "--distill.student=resnet19: expected one of resnet18"),
-    ("--teachers.architectures=resnet18,vgg16,densenet121", "--teachers.architectures=vgg16: expected one of"),
+    ("--teachers.architectures=resnet18,vgg16,densenet21", "--teachers.architectures=vgg16: expected one of"),
     ("--sweeps.normalizations=none,per_step", "--sweeps.normalizations=per_step: expected one of"),
     ("--sweeps.fold_student=vgg16", "--sweeps.fold_student=vgg16: expected one of"),
+    # Per-example draws are not a normalisation: they have their own sweep field.
+    ("--sweeps.normalizations=none,per_example", "--sweeps.normalizations=per_example: expected one of none, sum1"),
+    ("--sweeps.per_example_normalizations=sum2", "--sweeps.per_example_normalizations=sum2: expected one of"),
+    ("--distill.rl_baseline_decay=1", "--distill.rl_baseline_decay=1.0: must be in [0, 1)"),
+    ("--distill.rl_embedding_teacher=5", "--distill.rl_embedding_teacher=5: a teacher index in -5..4"),
     ("--settings=baseline_i,baseline_vi", "--settings=baseline_vi: unknown setting"),
     ("--data.noise=symmetric", None),  # valid with a rate: the control case
     ("--data.noise_rate=0.3", "--data.noise_rate=0.3: needs --data.noise"),
@@ -55,6 +60,7 @@ def run_cli(tmp_path, *argv):
     ("--teachers.pretrained=a.npz,,,,", "--teachers.pretrained=a.npz: no such file"),
     ("--distill.pretrained=a.npz", "--distill.pretrained=a.npz: no such file"),
     ("--data.download=sometimes", "--data.download=sometimes: expected one of auto, never"),
+    ("--data.augment_on=gpu", "--data.augment_on=gpu: expected one of auto, device, host"),
 ])
 def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, option, culprit):
     # "--stage data" keeps the valid control case short; the checks cover every stage's options.
@@ -164,6 +170,26 @@ def test_two_jobs_cannot_train_one_stage_at_once(tmp_path):
         StageClaim(tmp_path)
     first.release()
     StageClaim(tmp_path).release()  # free again once the first job let go
+
+
+def test_a_stage_runs_once_under_its_claim(tmp_path):
+    """claim_unless_done: None and the claim while the stage is to run (released after, also on
+    an error), the DONE record without a claim once it finished."""
+    from rosjax.experiment.workdir import StageBusyError, StageClaim, claim_unless_done, mark_done  # noqa: PLC0415
+
+    with claim_unless_done(tmp_path) as record:
+        assert record is None
+        with pytest.raises(StageBusyError):
+            StageClaim(tmp_path)  # another job is refused while the stage runs
+        mark_done(tmp_path, {"epochs": 3})
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RuntimeError, match="crash"), claim_unless_done(tmp_path / "other") as record:
+        raise RuntimeError("crash")
+    StageClaim(tmp_path / "other").release()  # the crashed block let go of its claim
+    first = StageClaim(tmp_path)  # a finished stage is read without claiming it
+    with claim_unless_done(tmp_path) as record:
+        assert record == {"epochs": 3}
+    first.release()
 
 
 def test_concurrent_json_writes_never_collide(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rosjax.config import OptimConfig
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill.steps import DistillInputs, make_distill_step
+from rosjax.distill.weighting import weight_rule
 from rosjax.models import create
 from rosjax.train import events, optim, parallel
 from rosjax.train.state import create_train_state
@@ -108,9 +109,9 @@ def test_distill_step_reports_each_teachers_mean_weight(per_example):
     mesh = parallel.make_mesh(jax.devices()[:1])
     tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
     state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
-    step = jax.jit(make_distill_step((None,) * k, tau=2.0, alpha=0.5, multilabel=False,
-                                     per_example=per_example, normalize="none"))
-    _, m = step(state, (), batch, jax.random.key(1))
+    step = jax.jit(make_distill_step((None,) * k, tau=2.0, alpha=0.5, multilabel=False, per_example=per_example))
+    _, m = step(state, DistillInputs(teachers=(), rule=weight_rule("exponential", k, normalize="none")), batch,
+                jax.random.key(1))
     means = np.array([float(m[f"weight_mean/t{i}"]) for i in range(k)])
     assert np.all(means > 0)
     np.testing.assert_allclose(means.sum(), float(m["weight_sum"]), rtol=1e-5)

@@ -18,7 +18,7 @@ import pytest
 
 from experiments import lesion, nih_cxr
 from rosjax import config as C
-from rosjax.experiment import cli, runner
+from rosjax.experiment import cli, runner, sweeps
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.validate import ConfigError
 from rosjax.experiment.workdir import Workdir, WorkdirConflictError, check_config
@@ -76,6 +76,14 @@ def test_paper_values_are_the_defaults():
     # Deliberate deviation: Exp(1) draws divided by their sum (baseline III's KD strength); the
     # paper's unnormalised formula collapsed the student at the same learning rate (README).
     assert cfg.distill.normalize == "sum1"
+
+
+def test_weight_sweep_points_vary_the_normalisation_and_the_draws():
+    """Per-step draws under each normalisation, then per-example draws: today's four variants."""
+    assert sweeps.weight_points(C.SweepConfig()) == {
+        "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example_sum1": ("sum1", True)}
+    smoke = lesion.get_config(smoke=True).sweeps  # one trained point: the main run is sum1, per step
+    assert sweeps.weight_points(smoke) == {"none": ("none", False), "sum1": ("sum1", False)}
 
 
 def test_cli_stages_and_teacher_option():

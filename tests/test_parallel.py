@@ -9,7 +9,7 @@ import pytest
 
 from rosjax import losses, models
 from rosjax.config import OptimConfig
-from rosjax.train import optim, parallel, steps
+from rosjax.train import classifier, optim, parallel, steps, validation
 from rosjax.train.state import create_train_state
 
 
@@ -89,6 +89,50 @@ def test_frozen_argument_is_not_donated_and_the_state_is():
     labels = jnp.zeros((8,), jnp.int32)
     assert np.isfinite(float(losses.supervised_loss(
         model.apply(teacher, batch["image"], train=False), labels, multilabel=False)))
+
+
+def test_a_second_epoch_traces_neither_the_train_nor_the_eval_step_again(monkeypatch, tmp_path):
+    """Two epochs of `train_classifier` with a mid-epoch checkpoint and a validation pass per
+    epoch: Python runs each step function once, at its only trace (counted here, beside the
+    guard), and every later call reuses the program."""
+    traces = {"train": 0, "eval": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traces[name] += 1  # Python runs only while jax traces
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(steps, "train_step", counted("train", steps.train_step))
+    monkeypatch.setattr(steps, "eval_step", counted("eval", steps.eval_step))
+    images, labels = tw.dataset_arrays()
+    val = [{"image": images[i:i + tw.BATCH], "label": labels[i:i + tw.BATCH], "mask": np.ones(tw.BATCH, np.float32)}
+           for i in range(0, 2 * tw.BATCH, tw.BATCH)]
+    mesh = parallel.make_mesh()
+    evaluator = validation.make_evaluator(lambda: val, mesh=mesh, multilabel=False)
+    optim_cfg = OptimConfig(epochs=2, batch_size=tw.BATCH, learning_rate=0.05, milestones=(2,))
+    result = classifier.train_classifier(
+        models.create("tiny_cnn", tw.CLASSES), tw.train_iter, evaluator, tmp_path, optim_cfg=optim_cfg,
+        steps_per_epoch=tw.STEPS_PER_EPOCH, image_shape=(tw.IMAGE, tw.IMAGE, tw.CHANNELS), multilabel=False,
+        mesh=mesh, loop_cfg=tw.loop_config(checkpoint_every_steps=3))
+    assert int(result.fit.state.step) == 2 * tw.STEPS_PER_EPOCH and len(result.fit.history) == 2
+    assert traces == {"train": 1, "eval": 1}
+
+
+def test_a_retrace_of_a_jitted_step_is_an_error():
+    """A batch of another size would compile the step a second time: the guard refuses it."""
+    mesh = parallel.make_mesh()
+    step = parallel.jit_train_step(lambda state, batch, key: (state + batch["x"].sum(), {}), mesh)
+    state = jax.device_put(jnp.zeros(()), parallel.replicated(mesh))  # as the trainers place it
+    state, _ = step(state, parallel.shard_batch({"x": np.ones((8,), np.float32)}, mesh), jax.random.key(0))
+    state, _ = step(state, parallel.shard_batch({"x": np.ones((8,), np.float32)}, mesh), jax.random.key(1))
+    assert float(state) == 16.0  # same shapes: the one program, twice
+    with pytest.raises(AssertionError, match=r"traced > 1 times"):
+        step(state, parallel.shard_batch({"x": np.ones((4,), np.float32)}, mesh), jax.random.key(2))
+    predict = parallel.jit_eval_step(lambda state, batch: batch["x"] * state, mesh)
+    predict(state, parallel.shard_batch({"x": np.ones((8,), np.float32)}, mesh))
+    with pytest.raises(AssertionError, match=r"traced > 1 times"):
+        predict(state, parallel.shard_batch({"x": np.ones((8, 2), np.float32)}, mesh))
 
 
 def test_maybe_initialize_distributed(monkeypatch):

@@ -1,11 +1,18 @@
-"""grain input pipeline (rosjax.data.pipeline) on small in-memory sources."""
+"""grain input pipeline (rosjax.data.pipeline) on small in-memory sources.
+
+Batch tests run both ways of shipping (augment_on): device batches are rendered with
+`device_augment.rendered` before their pixels are checked.
+"""
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from rosjax.data import pipeline
+from rosjax.data import device_augment, pipeline
 
 SIZE = 32  # output side of every test image
+STORED = (40, 48)  # a stored shape that holds every test image below
+BOTH = pytest.mark.parametrize("augment_on", pipeline.AUGMENT_ON)
 
 
 def constant_source(n, channels=3):
@@ -22,43 +29,60 @@ def take(iterator, count):
     return [next(iterator) for _ in range(count)]
 
 
+def pixels(batch):
+    """float32 [B, S, S, C] in [0, 1]: the host's images, or the device's rendering of the views."""
+    return np.asarray(device_augment.rendered(batch)["image"])
+
+
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
+        for key in x:  # 'view' is a pytree (AugmentParams) of arrays
+            jax.tree.map(np.testing.assert_array_equal, x[key], y[key])
 
 
 CROP_AND_FLIP = pipeline.AugmentConfig(crop_scale=(0.5, 1.0), horizontal_flip=True,
                                        vertical_flip=True)
 
 
+@BOTH
 @pytest.mark.parametrize("channels, augment", [
     (3, pipeline.AugmentConfig.dermoscopy()), (1, pipeline.AugmentConfig.chest_xray())])
-def test_train_batch_shapes_dtypes_range(channels, augment):
+def test_train_batch_shapes_dtypes_range(channels, augment, augment_on):
     source = random_source(40, channels)
     multi_hot = (np.random.default_rng(1).random((40, 6)) < 0.3).astype(np.uint8)
     batch = next(pipeline.train_iterator(source, np.arange(40), multi_hot, image_size=SIZE,
-                                         batch_size=8, seed=0, augment=augment))
-    assert batch["image"].shape == (8, SIZE, SIZE, channels) and batch["image"].dtype == np.float32
-    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-    assert batch["image"].std() > 0.05  # real pixels, not a blank batch
+                                         batch_size=8, seed=0, augment=augment,
+                                         augment_on=augment_on))
+    if augment_on == "device":  # the stored pixels and the views, 4x fewer bytes than floats
+        assert batch["image"].shape == (8, 40, 48, channels) and batch["image"].dtype == np.uint8
+        view = batch["view"]
+        assert view.image_size == SIZE and view.box.shape == (8, 4) and view.flips.shape == (8, 2)
+        assert view.angle.shape == (8,) and view.jitter.shape == (8, 3)
+        np.testing.assert_array_equal(view.size, np.tile([40, 48], (8, 1)))
+    image = pixels(batch)
+    assert image.shape == (8, SIZE, SIZE, channels) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.std() > 0.05  # real pixels, not a blank batch
     assert batch["label"].shape == (8, 6) and batch["label"].dtype == np.float32
     assert batch["index"].shape == (8,) and batch["index"].dtype == np.int32
     np.testing.assert_array_equal(batch["label"], multi_hot[batch["index"]])
 
 
-def test_train_images_and_labels_follow_the_source_row():
-    source = constant_source(120)
+@BOTH
+def test_train_images_and_labels_follow_the_source_row(augment_on):
+    source = constant_source(120)  # sizes differ: device batches pad them to STORED
     labels = np.random.default_rng(2).integers(0, 7, 120)
     indices = np.arange(10, 110)
     for batch in pipeline.train_iterator(source, indices, labels, image_size=SIZE, batch_size=10,
-                                         seed=3, augment=CROP_AND_FLIP, num_epochs=1):
+                                         seed=3, augment=CROP_AND_FLIP, num_epochs=1,
+                                         augment_on=augment_on, stored_shape=STORED):
         assert batch["label"].dtype == np.int32
-        rows = np.round(batch["image"][:, 0, 0, 0] * 255).astype(int)  # row written in the pixels
-        np.testing.assert_allclose(batch["image"], np.broadcast_to(
-            rows[:, None, None, None] / 255, batch["image"].shape), atol=1e-6)
+        image = pixels(batch)  # the padding never enters a view
+        rows = np.round(image[:, 0, 0, 0] * 255).astype(int)  # row written in the pixels
+        np.testing.assert_allclose(image, np.broadcast_to(
+            rows[:, None, None, None] / 255, image.shape), atol=1e-6)
         np.testing.assert_array_equal(rows, batch["index"])
         np.testing.assert_array_equal(batch["label"], labels[rows])
 
@@ -67,7 +91,7 @@ def test_epochs_shuffle_and_drop_remainder():
     indices = np.arange(3, 47)  # 44 examples, batch 8: 5 batches an epoch, 4 dropped
     batches = list(pipeline.train_iterator(constant_source(50), indices, np.zeros(50, int),
                                            image_size=SIZE, batch_size=8, seed=4, augment=None,
-                                           num_epochs=2))
+                                           num_epochs=2, stored_shape=STORED))
     assert len(batches) == 10
     epochs = [np.concatenate([b["index"] for b in batches[5 * e:5 * e + 5]]) for e in range(2)]
     for order in epochs:
@@ -96,8 +120,8 @@ def test_host_shards_compose_the_global_batch():
                                           shard_count=2, **kwargs), 6) for h in range(2)]
     for step, batch in enumerate(whole):
         for key in batch:
-            np.testing.assert_array_equal(
-                batch[key], np.concatenate([hosts[0][step][key], hosts[1][step][key]]))
+            jax.tree.map(lambda x, a, b: np.testing.assert_array_equal(x, np.concatenate([a, b])),
+                         batch[key], hosts[0][step][key], hosts[1][step][key])
 
 
 def test_resume_from_iterator_state():
@@ -118,7 +142,7 @@ def test_worker_process_gives_the_in_process_batches():
     expected = take(pipeline.train_iterator(source, np.arange(24), labels, **kwargs), 3)
     iterator = pipeline.train_iterator(source, np.arange(24), labels, num_workers=1, **kwargs)
     try:
-        got = [{k: np.array(v) for k, v in batch.items()} for batch in take(iterator, 3)]
+        got = [jax.tree.map(np.array, batch) for batch in take(iterator, 3)]
     finally:
         iterator.close()
     assert_batches_equal(got, expected)
@@ -193,13 +217,15 @@ def test_center_crop_keeps_the_middle_of_a_wide_image():
 # -------------------------------------------------------------------------- evaluation
 
 
+@BOTH
 @pytest.mark.parametrize("shard_count", [1, 2])
-def test_eval_sees_every_example_once(shard_count):
+def test_eval_sees_every_example_once(shard_count, augment_on):
     source = constant_source(60)
     labels = np.random.default_rng(11).integers(0, 4, 60)
     indices = np.random.default_rng(12).permutation(60)[:37]
-    batches = [list(pipeline.eval_batches(source, indices, labels, image_size=SIZE, batch_size=16,
-                                          shard_index=h, shard_count=shard_count))
+    batches = [[dict(b, image=pixels(b)) for b in pipeline.eval_batches(
+                   source, indices, labels, image_size=SIZE, batch_size=16, shard_index=h,
+                   shard_count=shard_count, augment_on=augment_on, stored_shape=STORED)]
                for h in range(shard_count)]
     assert all(len(b) == 3 for b in batches)  # ceil(37 / 16)
     per_host = 16 // shard_count
@@ -241,3 +267,10 @@ def test_pipeline_rejects_bad_input():
         pipeline.AugmentConfig(crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="rotation_degrees"):
         pipeline.AugmentConfig(rotation_degrees=-5)
+    with pytest.raises(ValueError, match="augment_on='gpu'"):
+        pipeline.train_dataset(source, np.arange(10), np.zeros(10, int), batch_size=2,
+                               augment_on="gpu", **kwargs)
+    with pytest.raises(ValueError, match=r"source\[1\]\['image'\] is 35x37, larger than the "
+                                         r"stored shape 34x36"):  # default: the first image's
+        next(pipeline.eval_batches(source, np.arange(10), np.zeros(10, int), image_size=SIZE,
+                                   batch_size=2))

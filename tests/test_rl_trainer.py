@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 
 from rosjax import checkpoint, models
-from rosjax.config import OptimConfig
+from rosjax.config import DistillConfig, OptimConfig
 from rosjax.distill import rl_trainer
-from rosjax.distill.trainer import KDSpec
-from rosjax.train import evaluate, loop, parallel
+from rosjax.train import loop, parallel, validation
 
 IMAGE, CHANNELS, CLASSES, TEACHERS = 16, 3, 3, 2
 EXAMPLES, BATCH = 16, 8
 STEPS_PER_EPOCH = EXAMPLES // BATCH
 TAU, ALPHA, DECAY, POLICY_LR = 2.0, 0.7, 0.8, 0.05
-RL = rl_trainer.RLSpec(equal_epochs=1, learning_rate=POLICY_LR, baseline_decay=DECAY)
+DISTILL = DistillConfig(tau=TAU, alpha=ALPHA, rl_equal_epochs=1, rl_learning_rate=POLICY_LR, rl_baseline_decay=DECAY)
 # Plain SGD for the student (no momentum, no weight decay): its update is -lr * gradient.
 STUDENT_LR = 0.05
 OPTIM = OptimConfig(epochs=3, batch_size=BATCH, learning_rate=STUDENT_LR, momentum=0.0,
@@ -97,7 +96,7 @@ def teachers():
                                          replicated)) for k in range(TEACHERS)]
 
 
-def _train(workdir, teachers, *, iterator=None, evaluator=None, kd=None, rl=RL):
+def _train(workdir, teachers, *, iterator=None, evaluator=None, distill=DISTILL):
     loop_cfg = loop.LoopConfig(log_every_steps=2, checkpoint_every_steps=1,
                                keep_checkpoints=3 * STEPS_PER_EPOCH, prefetch_batches=0,
                                progress=False)
@@ -105,7 +104,7 @@ def _train(workdir, teachers, *, iterator=None, evaluator=None, kd=None, rl=RL):
         models.create("tiny_cnn", CLASSES), teachers,
         lambda: iterator if iterator is not None else _train_iter(), evaluator, workdir,
         optim_cfg=OPTIM, steps_per_epoch=STEPS_PER_EPOCH, image_shape=(IMAGE, IMAGE, CHANNELS),
-        multilabel=False, kd=kd or KDSpec(tau=TAU, alpha=ALPHA, weighting="equal"), rl=rl,
+        multilabel=False, distill=distill,
         seed=3, loop_cfg=loop_cfg, mesh=parallel.make_mesh())
 
 
@@ -115,7 +114,7 @@ def straight(tmp_path_factory, teachers):
     eval_images, eval_labels = _data()
     eval_batch = {"image": eval_images[:BATCH], "label": eval_labels[:BATCH],
                   "mask": np.ones(BATCH, np.float32)}
-    real = evaluate.make_evaluator(lambda: [eval_batch], mesh=parallel.make_mesh(),
+    real = validation.make_evaluator(lambda: [eval_batch], mesh=parallel.make_mesh(),
                                    multilabel=False)
     seen = []
 
@@ -218,7 +217,7 @@ def test_stage_two_steps_are_reinforce_with_a_moving_baseline(checkpointed, teac
 
     def reward(step):
         batch = batches[step]
-        after = _apply(states[step + 1][0].student.variables, batch["image"], train=False)
+        after = _apply(states[step + 1][0].variables, batch["image"], train=False)
         return -_np_ce(after, batch["label"]).mean()
 
     first, second = states[2][0].policy, states[3][0].policy
@@ -277,7 +276,7 @@ def test_run_switches_phase_trains_the_agent_and_exports(straight, teachers):
         assert r["epoch_seconds"] > 0.0  # what the report's cost table sums
 
     exported = jax.device_get(checkpoint.load_variables(workdir / "final" / "student"))
-    for got, ref in zip(jax.tree.leaves(exported), jax.tree.leaves(final_state.student.variables)):
+    for got, ref in zip(jax.tree.leaves(exported), jax.tree.leaves(final_state.variables)):
         np.testing.assert_array_equal(got, ref)
     policy = jax.device_get(checkpoint.load_variables(workdir / "final" / "policy"))
     for got, ref in zip(jax.tree.leaves(policy), jax.tree.leaves(policies[2].params)):
@@ -311,13 +310,7 @@ def test_resume_in_the_middle_of_an_episode_is_exact(straight, teachers, tmp_pat
 
 
 def test_bad_options_are_refused(teachers, tmp_path):
-    with pytest.raises(ValueError, match="equal weighting"):
-        _train(tmp_path, teachers, kd=KDSpec(tau=TAU, alpha=ALPHA, weighting="exponential"))
-    with pytest.raises(ValueError, match="embedding_teacher=2 .* 2 teachers"):
-        _train(tmp_path, teachers, rl=rl_trainer.RLSpec(embedding_teacher=2))
+    with pytest.raises(ValueError, match="rl_embedding_teacher=2 .* 2 teachers"):
+        _train(tmp_path, teachers, distill=DistillConfig(rl_embedding_teacher=2))
     with pytest.raises(ValueError, match="at least one teacher"):
         _train(tmp_path, [])
-    with pytest.raises(ValueError, match="rl_baseline_decay"):
-        rl_trainer.RLSpec(baseline_decay=1.0)
-    with pytest.raises(ValueError, match="rl_equal_epochs"):
-        rl_trainer.RLSpec(equal_epochs=-1)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from rosjax.config import DistillConfig
 from rosjax.distill import SmoothState, recalibrate_batch_stats, should_average, smoothing, trainer, update_running_mean
 from rosjax.train import parallel
 
@@ -148,7 +149,7 @@ def test_full_pass_recalibration_uses_one_epoch_of_batches():
                for i in range(3)]  # shifted inputs: any other number of batches gives other statistics
     variables = jax.jit(model.init)(jax.random.key(1), batches[0]["image"])
     smooth = SmoothState.create(variables["params"]).update(variables["params"])
-    out = trainer.smoothed_variables(model, smooth, variables, trainer.SmoothSpec(recalibration_batches=0),
+    out = trainer.smoothed_variables(model, smooth, variables, DistillConfig(recalibration_batches=0),
                                      lambda: itertools.cycle(batches), parallel.make_mesh(), steps_per_epoch=3)
     per_batch = [_numpy_batch_stats(variables["params"], b["image"]) for b in batches]
     for layer in ("bn1", "bn2"):

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from rosjax.config import OptimConfig
-from rosjax.train import evaluate, optim, parallel, steps
+from rosjax.train import optim, parallel, steps, validation
 from rosjax.train.state import create_train_state
 
 
@@ -139,7 +139,7 @@ def test_predict_drops_padded_rows_and_keeps_order():
     mask = np.array([1] * 6 + [0] * 2, np.float32)
     batches = [{"image": images_p[i:i + 4], "label": labels_p[i:i + 4], "mask": mask[i:i + 4]}
                for i in (0, 4)]
-    out = evaluate.make_predict(mesh, multilabel=False)(state, batches)
+    out = validation.make_predict(mesh, multilabel=False)(state, batches)
 
     w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
     b = np.asarray(state.params["Dense_0"]["bias"], np.float64)

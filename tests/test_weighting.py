@@ -8,7 +8,8 @@ from scipy import stats
 
 from rosjax.config import OptimConfig
 from rosjax.distill import equal_teacher_weights, kd_loss, sample_teacher_weights, step_key, teacher_weights, weighting
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill.steps import DistillInputs, make_distill_step
+from rosjax.distill.weighting import weight_rule
 from rosjax.models import create
 from rosjax.train import optim, parallel
 from rosjax.train.state import create_train_state
@@ -143,11 +144,11 @@ def _kd_grad_norms(normalize, weighting_kind="exponential", steps=(0,), k=5):
     mesh = parallel.make_mesh(jax.devices()[:1])
     tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
     state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
-    step = jax.jit(make_distill_step((None,) * k, tau=0.5, alpha=1.0, multilabel=False,
-                                     weighting_kind=weighting_kind, normalize=normalize))
+    step = jax.jit(make_distill_step((None,) * k, tau=0.5, alpha=1.0, multilabel=False))
+    inputs = DistillInputs(teachers=(), rule=weight_rule(weighting_kind, k, normalize=normalize))
     norms, sums = [], []
     for s in steps:  # the same state, the weights of step s
-        _, m = step(state.replace(step=jnp.asarray(s, state.step.dtype)), (), batch, jax.random.key(1))
+        _, m = step(state.replace(step=jnp.asarray(s, state.step.dtype)), inputs, batch, jax.random.key(1))
         norms.append(float(m["grad_norm"]))
         sums.append(float(m["weight_sum"]))
     return np.array(norms), np.array(sums)

@@ -3,8 +3,8 @@
 the loader API (`prepare`, `PreparedDataset`, `sample_dir`), grouped splits and overlapping
 teacher subsets, label-noise injection, the grain input pipeline, and the input-data errors."""
 from rosjax.data import csv_images, isic2019, nih_chestxray14
-from rosjax.data.builder_utils import CorruptImageError, DataError
 from rosjax.data.datasets import DATASETS, PreparedDataset, prepare, sample_dir
+from rosjax.data.errors import CorruptImageError, DataError
 from rosjax.data.noise import MODES, NoisyLabels, add_label_noise
 from rosjax.data.pipeline import AugmentConfig, eval_batches, train_dataset, train_iterator
 from rosjax.data.splits import (

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rosjax.data import csv_images, isic2019, nih_chestxray14
-from rosjax.data.builder_utils import DataError
+from rosjax.data.errors import DataError
 
 _BUILDERS = {"isic2019": isic2019, "nih_chestxray14": nih_chestxray14, "csv_images": csv_images}
 DATASETS = tuple(_BUILDERS)

@@ -1,7 +1,7 @@
 """Regenerates the bundled sample files of both datasets (`python -m rosjax.data.make_samples`).
 
 The samples copy the real files' names, layouts and CSV formats byte for byte in style
-(see /work/shared/notes/datasets.md) but hold 120 tiny synthetic images each, so the
+(the README's "Datasets" section describes them) but hold 120 tiny synthetic images each, so the
 builders, the splits and a whole smoke experiment run on them in seconds. Each image shows
 its labels (a class-specific colour and shape for ISIC, one bright disc per finding at a
 finding-specific place for NIH), so a tiny CNN learns the smoke task above chance.

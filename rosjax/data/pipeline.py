@@ -5,8 +5,12 @@ uint8 [H, W, C] (what `tfds.data_source` returns for an Image feature; C is 1 or
 differ between rows). Labels come as a separate array indexed by source row, so that noisy
 labels (`rosjax.data.noise`) replace the stored ones without rewriting the dataset.
 
-Batches follow the project contract (numpy, host-local):
-  image  float32 [B, S, S, C] in [0, 1] (no mean/std normalisation: the model does it)
+Batches follow the project contract (numpy, host-local), in one of two forms (`augment_on`):
+  device (default): image uint8 [B, H, W, C], the stored pixels (zero-padded to the batch's
+           stored shape), and view, the drawn views as `device_augment.AugmentParams`; the
+           jitted step renders them (`device_augment.render`) into float32 [B, S, S, C]
+  host:    image float32 [B, S, S, C] in [0, 1], rendered here with PIL (the reference)
+  (no mean/std normalisation either way: the model does it)
   label  int32 [B] (one-label) or float32 [B, C] (multi-hot)
   index  int32 [B], the source row of each example (-1 on padded evaluation rows)
   mask   bool [B], evaluation only: False on padding rows
@@ -21,6 +25,12 @@ or `grain.checkpoint.CheckpointSave`) resumes at the exact batch.
 Evaluation resizes the shorter side to image_size / 0.875 and centre-crops image_size (the
 torchvision ImageNet protocol) and pads the last batch, so every example is scored exactly
 once with fixed shapes (one compile).
+
+Device batches need one stored shape [H, W] for every batch (one compile): `stored_shape`,
+by default the shape of the first image of `indices`. The prepared datasets store squares of
+one size, so nothing is padded there; a smaller image of a raw source is placed top-left in
+zeros and its own size travels in the view (the resampling never reads the padding), a larger
+one is an error naming `stored_shape`.
 """
 from __future__ import annotations
 
@@ -35,8 +45,11 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from rosjax.data import device_augment
+
 EVAL_CROP_FRACTION = 0.875  # centre crop covers 87.5% of the resized shorter side
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 grey, as PIL's convert('L')
+AUGMENT_ON = ("device", "host")  # where views are rendered: in the jitted step, or here with PIL
+_LUMA = np.array(device_augment.LUMA, np.float32)  # ITU-R 601 grey, as PIL's convert('L')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,18 +134,21 @@ def _to_float(pil: Image.Image, channels: int) -> np.ndarray:
     return array.reshape(array.shape[0], array.shape[1], channels)
 
 
-def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Evaluation view: shorter side to image_size / 0.875, centre crop image_size.
-
-    Both steps are one bilinear resample of the matching box of the source image.
-    image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
-    """
-    height, width = image.shape[:2]
+def center_view(height: int, width: int, image_size: int) -> AugmentView:
+    """Evaluation view of a [height, width] image: shorter side to image_size / 0.875, centre
+    crop image_size, as one box (in fractional source pixels) resampled to the output side."""
     resized_short_side = round(image_size / EVAL_CROP_FRACTION)
     side = min(height, width) * image_size / resized_short_side  # crop side in source pixels
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    pil = _to_pil(image).resize((image_size, image_size), Image.BILINEAR, box=box)
-    return _to_float(pil, image.shape[2])
+    return AugmentView(box=((width - side) / 2, (height - side) / 2, (width + side) / 2,
+                            (height + side) / 2))
+
+
+def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Evaluation view rendered on the host (`center_view`, one bilinear resample).
+
+    image: uint8 [H, W, C]; returns float32 [image_size, image_size, C] in [0, 1].
+    """
+    return apply_view(image, center_view(*image.shape[:2], image_size), image_size)
 
 
 def _random_crop_box(height: int, width: int, config: AugmentConfig,
@@ -164,12 +180,13 @@ class AugmentView:
     rebuilds exactly the image the teachers saw.
 
     Attributes:
-      box: crop (left, top, right, bottom) in source pixels, resized to the output side.
+      box: crop (left, top, right, bottom) in source pixels, resized to the output side
+        (integers for training views, fractions for the evaluation centre crop).
       horizontal_flip, vertical_flip: mirror left-right / top-bottom.
       angle: rotation in degrees, or None for no rotation.
       brightness, contrast, saturation: colour-jitter factors, or None where not applied.
     """
-    box: tuple[int, int, int, int]
+    box: tuple[float, float, float, float]
     horizontal_flip: bool = False
     vertical_flip: bool = False
     angle: float | None = None
@@ -245,6 +262,70 @@ def _grey(x: np.ndarray) -> np.ndarray:
     return x[:, :, 0] if x.shape[2] == 1 else x @ _LUMA
 
 
+# ----------------------------------------------------------------------------- shipped images
+
+
+def view_params(views: Sequence[AugmentView], sizes: np.ndarray,
+                image_size: int) -> device_augment.AugmentParams:
+    """Drawn views -> the arrays the device renders them from ([B, ...] numpy fields).
+
+    sizes: int [B, 2] each image's own (height, width). Steps not drawn get the identity
+    (angle 0) or NaN (colour-jitter factors), as the device expects.
+    """
+    nan = lambda f: np.nan if f is None else f  # noqa: E731
+    return device_augment.AugmentParams(
+        box=np.array([v.box for v in views], np.float32).reshape(-1, 4),
+        flips=np.array([(v.horizontal_flip, v.vertical_flip) for v in views], bool).reshape(-1, 2),
+        angle=np.array([v.angle or 0.0 for v in views], np.float32),
+        jitter=np.array([(nan(v.brightness), nan(v.contrast), nan(v.saturation)) for v in views],
+                        np.float32).reshape(-1, 3),
+        size=np.asarray(sizes, np.int32).reshape(-1, 2), image_size=image_size)
+
+
+def image_batch(images: Sequence[np.ndarray], views: Sequence[AugmentView], rows: Sequence[int], *,
+                image_size: int, channels: int, augment_on: str, stored_shape: tuple[int, int],
+                batch_rows: int | None = None) -> dict[str, Any]:
+    """The pixels of a batch as shipped: {'image', 'view'} (device) or {'image'} (host).
+
+    images: uint8 [H_i, W_i, C] per example; views: one AugmentView each; rows: their source
+    rows (for errors). batch_rows: pad to this many rows (evaluation's last batch) with black
+    images and the centre view of a stored-size image. device: image uint8 [B, H, W, C] of
+    `stored_shape`, each image top-left; host: image float32 [B, S, S, C] rendered with PIL.
+    """
+    count = len(images)
+    batch_rows = count if batch_rows is None else batch_rows
+    if augment_on == "host":
+        out = np.zeros((batch_rows, image_size, image_size, channels), np.float32)
+        for i, (image, view) in enumerate(zip(images, views)):
+            out[i] = apply_view(image, view, image_size)
+        return {"image": out}
+    height, width = stored_shape
+    pixels = np.zeros((batch_rows, height, width, channels), np.uint8)  # [B, H, W, C]
+    sizes = np.tile(np.array([height, width]), (batch_rows, 1))        # [B, 2]
+    for i, (image, row) in enumerate(zip(images, rows)):
+        h, w = image.shape[:2]
+        if h > height or w > width:
+            raise ValueError(f"source[{row}]['image'] is {h}x{w}, larger than the stored shape "
+                             f"{height}x{width} of the batch: pass stored_shape=(H, W) covering "
+                             "every image")
+        pixels[i, :h, :w], sizes[i] = image, (h, w)
+    views = list(views) + [center_view(height, width, image_size)] * (batch_rows - count)
+    return {"image": pixels, device_augment.VIEW_KEY: view_params(views, sizes, image_size)}
+
+
+def check_augment_on(augment_on: str) -> None:
+    """Raises ValueError unless `augment_on` is one of AUGMENT_ON."""
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"augment_on={augment_on!r}: expected one of {', '.join(AUGMENT_ON)}")
+
+
+def stored_shape_of(source, rows: np.ndarray, stored_shape: tuple[int, int] | None) -> tuple[int, int]:
+    """The [H, W] device batches are padded to: `stored_shape`, or the first row's image shape."""
+    if stored_shape is not None:
+        return int(stored_shape[0]), int(stored_shape[1])
+    return checked_image(source[int(rows[0])], int(rows[0])).shape[:2]
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -296,49 +377,57 @@ class _TrainBatch(grain.transforms.MapWithIndex):
     """(global step, [B] positions into rows) -> this host's augmented batch."""
 
     def __init__(self, source, rows, labels, *, image_size, augment, seed, steps_per_epoch,
-                 host_slice):
+                 host_slice, augment_on, stored_shape):
         self._source, self._rows, self._labels = source, rows, labels
         self._image_size, self._augment, self._seed = image_size, augment, seed
         self._steps_per_epoch, self._host_slice = steps_per_epoch, host_slice
+        self._augment_on, self._stored_shape = augment_on, stored_shape
 
     def map_with_index(self, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         positions = positions[self._host_slice]  # [B_host]
         epoch = step // self._steps_per_epoch
         rows = self._rows[positions]
-        images = []
+        images, views = [], []
         for row in rows.tolist():
             image = checked_image(self._source[row], row)
             if self._augment is None:
-                images.append(center_crop(image, self._image_size))
+                views.append(center_view(*image.shape[:2], self._image_size))
             else:
                 rng = np.random.default_rng([self._seed, epoch, row])
-                images.append(augment_image(image, self._image_size, self._augment, rng))
-        return {"image": np.stack(images), "label": self._labels[positions],
-                "index": rows.astype(np.int32)}
+                views.append(draw_view(*image.shape, self._augment, rng))
+            images.append(image)
+        pixels = image_batch(images, views, rows.tolist(), image_size=self._image_size,
+                             channels=images[0].shape[2], augment_on=self._augment_on,
+                             stored_shape=self._stored_shape)
+        return {**pixels, "label": self._labels[positions], "index": rows.astype(np.int32)}
 
 
 class _EvalBatch(grain.transforms.Map):
     """Global batch number -> this host's share of it, padded, with a validity mask."""
 
     def __init__(self, source, rows, labels, *, image_size, channels, batch_size, host_batch,
-                 shard_index):
+                 shard_index, augment_on, stored_shape):
         self._source, self._rows, self._labels = source, rows, labels
         self._image_size, self._channels = image_size, channels
         self._batch_size, self._host_batch, self._shard_index = batch_size, host_batch, shard_index
+        self._augment_on, self._stored_shape = augment_on, stored_shape
 
     def map(self, batch_number: int) -> dict[str, np.ndarray]:
         start = batch_number * self._batch_size + self._shard_index * self._host_batch
         positions = np.arange(start, start + self._host_batch)  # [B_host]
         mask = positions < len(self._rows)
-        size = self._image_size
-        image = np.zeros((self._host_batch, size, size, self._channels), np.float32)
         label = np.zeros((self._host_batch,) + self._labels.shape[1:], self._labels.dtype)
         index = np.full(self._host_batch, -1, np.int32)
-        for i in np.flatnonzero(mask).tolist():
+        images, views = [], []
+        for i in np.flatnonzero(mask).tolist():  # the valid rows come first
             row = int(self._rows[positions[i]])
-            image[i] = center_crop(checked_image(self._source[row], row), size)
+            images.append(checked_image(self._source[row], row))
+            views.append(center_view(*images[-1].shape[:2], self._image_size))
             label[i], index[i] = self._labels[positions[i]], row
-        return {"image": image, "label": label, "index": index, "mask": mask}
+        pixels = image_batch(images, views, index.tolist(), image_size=self._image_size,
+                             channels=self._channels, augment_on=self._augment_on, stored_shape=self._stored_shape,
+                             batch_rows=self._host_batch)
+        return {**pixels, "label": label, "index": index, "mask": mask}
 
 
 def _allow_grain_workers() -> None:
@@ -357,8 +446,9 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, seed: int,
                   augment: AugmentConfig | None, num_epochs: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  num_workers: int = 0, num_threads: int = 2,
-                  prefetch: int = 2) -> grain.IterDataset:
+                  num_workers: int = 0, num_threads: int = 2, prefetch: int = 2,
+                  augment_on: str = "device",
+                  stored_shape: tuple[int, int] | None = None) -> grain.IterDataset:
     """Shuffled, augmented, sharded training batches as a grain IterDataset.
 
     Args:
@@ -376,19 +466,24 @@ def train_dataset(source, indices, labels, *, image_size: int, batch_size: int, 
       num_workers: grain worker processes (grain.MultiprocessingOptions); 0 reads in-process.
       num_threads: reader threads per process (grain.ReadOptions), each building whole batches.
       prefetch: batches buffered ahead per process (and per worker).
+      augment_on: "device" (uint8 pixels + drawn views, rendered in the step) or "host"
+        (float32 images rendered here with PIL); the views are the same either way.
+      stored_shape: [H, W] of the shipped pixels (device); default the first image's shape.
 
     Returns:
       grain.IterDataset of host-local batch dicts; `iter()` of it is checkpointable.
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    check_augment_on(augment_on)
     rows, row_labels = check_rows(source, indices, labels)
     shard_index, shard_count, host_batch = host_shard(batch_size, shard_index, shard_count)
     positions, steps_per_epoch = shuffled_position_batches(len(rows), batch_size, seed, num_epochs)
     host_slice = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
     ds = positions.map_with_index(_TrainBatch(
         source, rows, row_labels, image_size=image_size, augment=augment, seed=seed,
-        steps_per_epoch=steps_per_epoch, host_slice=host_slice))
+        steps_per_epoch=steps_per_epoch, host_slice=host_slice, augment_on=augment_on,
+        stored_shape=stored_shape_of(source, rows, stored_shape)))
     return to_iter_dataset(ds, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
 
@@ -433,17 +528,20 @@ def train_iterator(source, indices, labels, **kwargs) -> grain.DatasetIterator:
 
 def eval_batches(source, indices, labels, *, image_size: int, batch_size: int,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 num_threads: int = 2, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                 num_threads: int = 2, prefetch: int = 2, augment_on: str = "device",
+                 stored_shape: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Evaluation batches in `indices` order, every example exactly once.
 
     ceil(n / batch_size) global batches; the last is padded (image 0, label 0, index -1,
     mask False) so all batches have the same shape. Arguments as in `train_dataset`.
     """
+    check_augment_on(augment_on)
     rows, row_labels = check_rows(source, indices, labels)
     shard_index, _, host_batch = host_shard(batch_size, shard_index, shard_count)
     num_batches = -(-len(rows) // batch_size)
     channels = checked_image(source[int(rows[0])], int(rows[0])).shape[2]
     ds = grain.MapDataset.range(num_batches).map(_EvalBatch(
         source, rows, row_labels, image_size=image_size, channels=channels,
-        batch_size=batch_size, host_batch=host_batch, shard_index=shard_index))
+        batch_size=batch_size, host_batch=host_batch, shard_index=shard_index,
+        augment_on=augment_on, stored_shape=stored_shape_of(source, rows, stored_shape)))
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))

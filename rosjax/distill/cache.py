@@ -5,13 +5,16 @@ ECCV 2022). Online distillation runs all K frozen teachers on every augmented ba
 costs more than the student's own step. Instead, before distillation:
 
 1. `build_teacher_cache` draws E augmentation views per training example (the crop box, flips,
-   rotation and colour-jitter factors: an `AugmentView`, not the pixels), renders each view,
+   rotation and colour-jitter factors: an `AugmentView`, not the pixels), renders each view
+   (on the devices by default, inside the teachers' program: `rosjax.data.device_augment`),
    runs all K teachers on it in one jitted program and stores views and logits under
    `directory`. It writes in batches and records its progress after each one, so a killed
    build resumes where it stopped; a complete cache is reused as it is.
 2. `cached_train_iterator` is the training pipeline of `rosjax.data.pipeline` with the views
    replayed: in epoch e each example gets its stored view e mod E and the teachers' logits on
-   that view, as `teacher_logits` in the batch.
+   that view, as `teacher_logits` in the batch. It ships the views the way the cache was
+   built (`augment_on`: stored pixels + views for the step to render, or host-rendered
+   images), so the student sees the pixels the teachers saw.
 3. `cached_distill_step` wraps `make_distill_step`'s step for those batches: no teacher runs,
    the student's step is all that is left. The teacher weights are still drawn every step.
 
@@ -52,14 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rosjax import atomic
-from rosjax.data import pipeline
+from rosjax.data import device_augment, pipeline
 from rosjax.distill import steps as distill_steps
 from rosjax.progress import bar
 from rosjax.train import parallel
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: views rendered where `augment_on` says (device by default)
 META_FILE, PROGRESS_FILE = "meta.json", "progress.json"
 ROWS_FILE, VIEWS_FILE, LOGITS_FILE = "rows.npy", "views.npy", "logits.npy"
 
@@ -93,6 +96,9 @@ def unpack_view(record: np.ndarray) -> pipeline.AugmentView:
 
 def _read_json(path: pathlib.Path) -> Any:
     return json.loads(path.read_text())
+
+
+PIXEL_KEYS = ("image", device_augment.VIEW_KEY)  # the batch entries the renderer reads
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -182,37 +188,42 @@ def _check_meta(directory: pathlib.Path, stored: dict, wanted: dict) -> None:
 
 
 class _BuildBatch(grain.transforms.Map):
-    """Build batch k -> views drawn and rendered for examples [start + k*B, ...) (view-major)."""
+    """Build batch k -> views drawn for examples [start + k*B, ...) (view-major), shipped as
+    `pipeline.image_batch` (padded to B rows) with their flat indices and records."""
 
-    def __init__(self, source, rows, *, augment, seed, image_size, batch_size, start, total):
+    def __init__(self, source, rows, *, augment, seed, image_size, batch_size, start, total,
+                 channels, augment_on, stored_shape):
         self._source, self._rows, self._augment, self._seed = source, rows, augment, seed
         self._image_size, self._batch_size = image_size, batch_size
         self._start, self._total = start, total
+        self._shipping = dict(image_size=image_size, channels=channels, augment_on=augment_on,
+                              stored_shape=stored_shape, batch_rows=batch_size)
 
-    def map(self, k: int) -> dict[str, np.ndarray]:
+    def map(self, k: int) -> dict[str, Any]:
         first = self._start + k * self._batch_size
         flat = np.arange(first, min(first + self._batch_size, self._total))  # [n] flat indices
-        images, records = [], np.zeros(len(flat), VIEW_DTYPE)
-        for i, f in enumerate(flat.tolist()):
+        images, views, rows = [], [], []
+        for f in flat.tolist():
             view_index, position = divmod(f, len(self._rows))
-            row = int(self._rows[position])
-            image = pipeline.checked_image(self._source[row], row)
-            view = pipeline.draw_view(*image.shape, self._augment,
-                                      np.random.default_rng([self._seed, view_index, row]))
-            images.append(pipeline.apply_view(image, view, self._image_size))
-            records[i] = pack_view(view)
-        padded = np.zeros((self._batch_size,) + images[0].shape, np.float32)  # [B, S, S, C]
-        padded[:len(images)] = images
-        return {"image": padded, "flat": flat, "views": records}
+            rows.append(int(self._rows[position]))
+            images.append(pipeline.checked_image(self._source[rows[-1]], rows[-1]))
+            views.append(pipeline.draw_view(*images[-1].shape, self._augment,
+                                            np.random.default_rng([self._seed, view_index, rows[-1]])))
+        records = np.array([pack_view(v) for v in views], VIEW_DTYPE)  # [n]
+        pixels = pipeline.image_batch(images, views, rows, **self._shipping)
+        return {**pixels, "flat": flat, "views": records}
 
 
 @functools.lru_cache(maxsize=4)
 def teacher_forward(apply_fns: tuple[Callable, ...], mesh: jax.sharding.Mesh) -> Callable:
-    """Jitted (variables of K teachers, images [B, S, S, C]) -> logits [B, K, C] float32.
+    """Jitted (variables of K teachers, pixels) -> logits [B, K, C] float32.
 
-    Memoised, so repeated builds with the same teacher modules compile once per process.
+    pixels: {'image': float32 [B, S, S, C]} or a shipped {'image': uint8, 'view': ...}, which
+    is rendered inside this program (`device_augment.render`). Memoised, so repeated builds
+    with the same teacher modules compile once per process.
     """
-    def forward(variables, images):
+    def forward(variables, pixels):
+        images = device_augment.render(pixels)["image"]  # [B, S, S, C]
         return jnp.swapaxes(distill_steps.teacher_logits(apply_fns, variables, images), 0, 1)
     return jax.jit(forward, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                    out_shardings=parallel.data_sharding(mesh))
@@ -249,7 +260,8 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
                         image_size: int, augment: pipeline.AugmentConfig, num_views: int,
                         seed: int, batch_size: int, directory: str | os.PathLike,
                         mesh: jax.sharding.Mesh | None = None, num_threads: int = 2,
-                        prefetch: int = 2) -> TeacherCache:
+                        prefetch: int = 2, augment_on: str = "device",
+                        stored_shape: tuple[int, int] | None = None) -> TeacherCache:
     """Runs every teacher on `num_views` stored views of each example; resumable.
 
     Args:
@@ -267,6 +279,8 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
       mesh: devices of this process to run the teachers on (default: all local devices).
         The build runs in one process; in a multi-host job build the cache beforehand.
       num_threads, prefetch: grain reader threads and batches rendered ahead.
+      augment_on, stored_shape: where the views are rendered and the shape the pixels are
+        shipped in, as in `pipeline.train_dataset`; the replay ships them the same way.
     Returns the opened TeacherCache. Labels play no part: label-noise variants share a cache.
     """
     if not teachers:
@@ -283,6 +297,8 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
         raise ValueError(f"rows reach outside the source (len {len(source)}): "
                          f"min {rows.min()}, max {rows.max()}")
     rows = rows.astype(np.int64)
+    pipeline.check_augment_on(augment_on)
+    stored_shape = pipeline.stored_shape_of(source, rows, stored_shape)
     mesh = mesh or parallel.make_mesh(jax.local_devices())
     if batch_size < 1 or batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
@@ -293,12 +309,13 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
     first = pipeline.checked_image(source[int(rows[0])], int(rows[0]))
     forward = teacher_forward(apply_fns, mesh)
     image_shape = (batch_size, image_size, image_size, first.shape[2])
-    out = jax.eval_shape(forward, variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    out = jax.eval_shape(forward, variables, {"image": jax.ShapeDtypeStruct(image_shape, jnp.float32)})
     num_examples, (_, num_teachers, num_classes) = len(rows), out.shape
     total = num_views * num_examples
     meta = {"version": CACHE_VERSION, "num_rows": num_examples, "num_views": num_views,
             "seed": seed, "image_size": image_size, "channels": int(first.shape[2]),
-            "augment": dataclasses.asdict(augment), "num_teachers": num_teachers,
+            "augment": dataclasses.asdict(augment), "augment_on": augment_on,
+            "stored_shape": list(stored_shape), "num_teachers": num_teachers,
             "num_classes": num_classes, "teacher_checksums": _checksums(variables)}
     meta["augment"] = json.loads(json.dumps(meta["augment"]))  # tuples as JSON lists
 
@@ -309,13 +326,15 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
                  num_examples, f" (resuming at {done} of {total})" if done else "")
         _fill(forward, variables, source, rows, views, logits, directory, augment=augment,
               seed=seed, image_size=image_size, batch_size=batch_size, start=done, total=total,
-              mesh=mesh, num_threads=num_threads, prefetch=prefetch)
+              mesh=mesh, num_threads=num_threads, prefetch=prefetch,
+              shipping=dict(channels=int(first.shape[2]), augment_on=augment_on,
+                            stored_shape=stored_shape))
     del views, logits  # close the writable maps before reopening read-only
     return TeacherCache.open(directory)
 
 
 def _fill(forward, variables, source, rows, views, logits, directory, *, augment, seed,
-          image_size, batch_size, start, total, mesh, num_threads, prefetch) -> None:
+          image_size, batch_size, start, total, mesh, num_threads, prefetch, shipping) -> None:
     """Writes examples [start, total) batch by batch, recording progress after each batch.
 
     The teachers run on batch k+1 while batch k is written (jax dispatch is asynchronous),
@@ -326,7 +345,7 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
     num_batches = math.ceil((total - start) / batch_size)
     batches = grain.MapDataset.range(num_batches).map(_BuildBatch(
         source, rows, augment=augment, seed=seed, image_size=image_size,
-        batch_size=batch_size, start=start, total=total))
+        batch_size=batch_size, start=start, total=total, **shipping))
     batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                         prefetch_buffer_size=prefetch))
     progress = bar(num_batches, "teacher cache")
@@ -342,8 +361,9 @@ def _fill(forward, variables, source, rows, views, logits, directory, *, augment
 
     pending = None
     for k, host in enumerate(batches):
-        images = jax.device_put(host["image"], parallel.data_sharding(mesh))
-        launched = (host, forward(variables, images), k)
+        pixels = jax.device_put({k: host[k] for k in PIXEL_KEYS if k in host},
+                                parallel.data_sharding(mesh))
+        launched = (host, forward(variables, pixels), k)
         if pending is not None:
             write(*pending)
         pending = launched
@@ -363,12 +383,15 @@ class _CachedBatch(grain.transforms.MapWithIndex):
     """
 
     def __init__(self, source, rows, cache_positions, labels, *, directory, teacher_indices,
-                 image_size, steps_per_epoch, num_views, host_slice):
+                 image_size, steps_per_epoch, num_views, host_slice, channels, augment_on,
+                 stored_shape):
         self._source, self._rows, self._cache_positions = source, rows, cache_positions
         self._labels, self._directory = labels, directory
         self._teacher_indices, self._image_size = teacher_indices, image_size
         self._steps_per_epoch, self._num_views = steps_per_epoch, num_views
         self._host_slice = host_slice
+        self._shipping = dict(image_size=image_size, channels=channels, augment_on=augment_on,
+                              stored_shape=stored_shape)
         self._arrays = None
 
     def __getstate__(self):
@@ -382,13 +405,11 @@ class _CachedBatch(grain.transforms.MapWithIndex):
         positions = positions[self._host_slice]  # [B_host]
         view_index = (step // self._steps_per_epoch) % self._num_views
         rows, at = self._rows[positions], self._cache_positions[positions]
-        images = []
-        for row, p in zip(rows.tolist(), at.tolist()):
-            image = pipeline.checked_image(self._source[row], row)
-            images.append(pipeline.apply_view(image, unpack_view(views[view_index, p]),
-                                              self._image_size))
+        images = [pipeline.checked_image(self._source[row], row) for row in rows.tolist()]
+        replayed = [unpack_view(record) for record in views[view_index][at]]
+        pixels = pipeline.image_batch(images, replayed, rows.tolist(), **self._shipping)
         teacher_logits = logits[view_index][at][:, self._teacher_indices]  # [B_host, K, C]
-        return {"image": np.stack(images), "label": self._labels[positions],
+        return {**pixels, "label": self._labels[positions],
                 "index": rows.astype(np.int32),
                 "teacher_logits": np.ascontiguousarray(teacher_logits, np.float32)}
 
@@ -402,7 +423,8 @@ def cached_train_dataset(source, indices, labels, cache: TeacherCache, *, image_
     """`pipeline.train_dataset` with stored views replayed and their teacher logits attached.
 
     Same shuffle, batching, host sharding and resumable grain state as
-    `pipeline.train_dataset(..., seed=seed)`; each batch also has
+    `pipeline.train_dataset(..., seed=seed)`, the pixels shipped as the cache was built
+    (`augment_on` and `stored_shape` of its meta.json); each batch also has
     `teacher_logits` float32 [B_host, K, C] (K = len(teacher_indices), default every teacher
     of the cache). Epoch e replays view e mod E of each example.
 
@@ -435,7 +457,9 @@ def cached_train_dataset(source, indices, labels, cache: TeacherCache, *, image_
     ds = positions.map_with_index(_CachedBatch(
         source, rows, cache.positions(rows), row_labels, directory=cache.directory,
         teacher_indices=teacher_indices, image_size=image_size,
-        steps_per_epoch=steps_per_epoch, num_views=cache.num_views, host_slice=host_slice))
+        steps_per_epoch=steps_per_epoch, num_views=cache.num_views, host_slice=host_slice,
+        channels=cache.meta["channels"], augment_on=cache.meta["augment_on"],
+        stored_shape=tuple(cache.meta["stored_shape"])))
     return pipeline.to_iter_dataset(ds, num_threads=num_threads, prefetch=prefetch,
                                     num_workers=num_workers)
 
@@ -449,12 +473,13 @@ def cached_train_iterator(source, indices, labels, cache: TeacherCache,
 def cached_distill_step(distill_step: Callable) -> Callable:
     """Adapts `make_distill_step(...)`'s step to cached batches; no teacher runs.
 
-    Returns `step(state, batch, run_key) -> (state, metrics)` for
-    `parallel.jit_train_step(step, mesh)` (no frozen teachers to pass). The batch's
-    `teacher_logits` arrive as [B, K, C] (batch axis first, so they shard like the images)
-    and are transposed to the step's [K, B, C] inside the compiled program.
+    Returns `step(state, inputs, batch, run_key) -> (state, metrics)` for
+    `parallel.jit_train_step(step, mesh, frozen=inputs)`, with `inputs` a `DistillInputs`
+    without teacher variables. The batch's `teacher_logits` arrive as [B, K, C] (batch axis
+    first, so they shard like the images) and are transposed to the step's [K, B, C] inside the
+    compiled program.
     """
-    def step(state, batch, run_key):
+    def step(state, inputs, batch, run_key):
         batch = dict(batch, teacher_logits=jnp.swapaxes(batch["teacher_logits"], 0, 1))
-        return distill_step(state, (), batch, run_key)
+        return distill_step(state, inputs, batch, run_key)
     return step

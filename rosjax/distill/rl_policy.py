@@ -16,8 +16,8 @@ Stage 1 (equal weights, baseline III's recipe) is `rl_kd_loss` with all actions 
 example then averages the KD term over all K teachers.
 
 What follows Yuan et al. (their method text was not retrievable here; this rests on a
-third-party summary, the THUDM GKD reimplementation and recollection, see
-shared/notes/kd_methods.md §1):
+third-party summary, the THUDM GKD reimplementation and recollection; the README's
+"Baseline IV" section):
   * a binary select/skip action per (example, teacher), a_kb ~ Bernoulli(pi(s_kb));
   * a logistic policy pi(select | s) = sigmoid(theta . s + b);
   * a state made of an instance embedding, the teacher's probability vector and the teacher's

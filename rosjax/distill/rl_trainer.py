@@ -1,6 +1,6 @@
 """Training baseline IV: a student distilled under reinforced teacher selection (Yuan et al. 2021).
 
-The schedule follows the sources (shared/notes/kd_methods.md §1):
+The schedule follows Yuan et al.'s description (the README's "Baseline IV" section lists the sources):
 
   stage 1, epochs [0, equal_epochs): every teacher is used for every example with equal
       weight, i.e. baseline III's recipe (`rl_policy.rl_kd_loss` with all actions True); the
@@ -14,10 +14,10 @@ The schedule follows the sources (shared/notes/kd_methods.md §1):
 
 Everything happens in one jitted step, `rl_distill_step(state, teachers, batch, run_key)`:
 the phase is chosen inside it from `state.step` (one compile; a resumed run is exact), and the
-state is an `RLTrainState` holding the student's `TrainState` and the agent's `PolicyState`,
-so `rosjax.train.loop.fit` donates, checkpoints and restores both together: a run stopped in
-the middle of an episode continues that episode with the same policy, optimiser moments and
-reward baseline.
+state is an `RLTrainState`: the student's `TrainState` with the agent's `PolicyState` as one
+more field, so `rosjax.train.loop.fit` donates, checkpoints and restores both together: a run
+stopped in the middle of an episode continues that episode with the same policy, optimiser
+moments and reward baseline.
 
 Cost per stage-2 step, against baseline III / RoS-KD (same teachers, same student step):
   * one extra forward pass of the student in inference mode (the reward), about a third of a
@@ -43,15 +43,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from rosjax import checkpoint
-from rosjax.config import OptimConfig
+from rosjax.config import DistillConfig, OptimConfig
+from rosjax.data import device_augment
 from rosjax.distill import rl_policy
-from rosjax.distill.trainer import KDSpec
 from rosjax.train import loop, parallel
 from rosjax.train import steps as train_steps
 from rosjax.train.start import FINAL_DIR, start_run
@@ -63,63 +62,16 @@ log = logging.getLogger(__name__)
 _AGENT_METRICS = ("policy_loss", "reward", "baseline", "advantage")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RLSpec:
-    """The agent and its schedule (config: --distill.rl_*).
-
-    equal_epochs: epochs of stage 1 (equal weights) before the agent acts.
-    learning_rate: Adam learning rate of the logistic policy.
-    baseline_decay: decay of the moving-average reward baseline, in [0, 1).
-    embedding_teacher: index of the teacher whose pooled pre-logit features are the instance
-      embedding of the agent's state (images have no [CLS] token). Default -1, the last
-      teacher: DenseNet-121 in the paper's teacher order (ResNet-18, ResNet-34, ResNet-50,
-      MobileNetV2, DenseNet-121). It is still distilled from like the others.
-    per_example_reward: one reward per example (our option) instead of one per batch (Yuan).
-    """
-    equal_epochs: int = 10
-    learning_rate: float = 1e-3
-    baseline_decay: float = 0.9
-    embedding_teacher: int = -1
-    per_example_reward: bool = False
-
-    def __post_init__(self):
-        if self.equal_epochs < 0:
-            raise ValueError(f"--distill.rl_equal_epochs must be >= 0, got {self.equal_epochs}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--distill.rl_learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.baseline_decay < 1.0:
-            raise ValueError(f"--distill.rl_baseline_decay must be in [0, 1), got "
-                             f"{self.baseline_decay}")
-
-
-class RLTrainState(flax.struct.PyTreeNode):
-    """The student's TrainState and the agent's PolicyState, donated and checkpointed together.
-
-    It reads like a TrainState where `fit`, the evaluator (`steps.eval_step`) and the export
-    look: `step` is the student's update count, `variables`/`apply_fn` are the student's.
-    """
-    student: TrainState
+class RLTrainState(TrainState):
+    """The student's TrainState with the agent's PolicyState beside it, donated and checkpointed
+    together: `fit`, the evaluator and the export read it as the student's state (`step` is the
+    student's update count), and the step reads and replaces `policy`."""
     policy: rl_policy.PolicyState
 
-    @property
-    def step(self) -> jax.Array:
-        return self.student.step
-
-    @property
-    def params(self) -> Any:
-        return self.student.params
-
-    @property
-    def batch_stats(self) -> Any:
-        return self.student.batch_stats
-
-    @property
-    def variables(self) -> dict[str, Any]:
-        return self.student.variables
-
-    @property
-    def apply_fn(self) -> Callable:
-        return self.student.apply_fn
+    @classmethod
+    def create(cls, student: TrainState, policy: rl_policy.PolicyState) -> RLTrainState:
+        """`student`'s fields (arrays and static apply_fn, tx) and `policy`."""
+        return cls(**{f.name: getattr(student, f.name) for f in dataclasses.fields(student)}, policy=policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +98,7 @@ def teacher_outputs(apply_fns: Sequence[Callable], teachers: Sequence[Any], imag
 
 def _teacher_index(index: int, num_teachers: int) -> int:
     if not -num_teachers <= index < num_teachers:
-        raise ValueError(f"rl.embedding_teacher={index} is not a teacher index for "
+        raise ValueError(f"--distill.rl_embedding_teacher={index} is not a teacher index for "
                          f"{num_teachers} teachers")
     return index % num_teachers
 
@@ -154,8 +106,8 @@ def _teacher_index(index: int, num_teachers: int) -> int:
 def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float,
                          multilabel: bool, equal_steps: int,
                          policy_tx: optax.GradientTransformation, baseline_decay: float,
-                         embedding_teacher: int = -1,
-                         per_example_reward: bool = False, class_weights=None) -> Callable:
+                         embedding_teacher: int, per_example_reward: bool,
+                         class_weights=None) -> Callable:
     """Builds `rl_distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
 
     Compile it with `parallel.jit_train_step(step, mesh, frozen=teachers)` (the RLTrainState
@@ -169,7 +121,8 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
         `equal_steps` on the agent selects teachers and learns.
       policy_tx: the agent's optimiser (the one its PolicyState was initialised with).
       baseline_decay: moving-average decay of the reward baseline.
-      embedding_teacher: which teacher's pooled features form the instance embedding.
+      embedding_teacher: which teacher's pooled features form the instance embedding (an
+        index into the teachers; negative counts from the end).
       per_example_reward: reward per example instead of per batch.
       class_weights: optional host array [C] weighting the student's CE term (not the reward).
     The step's key is `fold_in(run_key, state.step)`, split into a dropout key and an action
@@ -185,28 +138,29 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
 
     def rl_distill_step(state: RLTrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
                         run_key: jax.Array) -> tuple[RLTrainState, dict[str, jax.Array]]:
-        student, policy = state.student, state.policy
-        dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, student.step))
+        policy = state.policy
+        dropout_key, action_key = jax.random.split(train_steps.step_rng(run_key, state.step))
+        batch = device_augment.render(batch)  # a shipped batch's views, rendered in the step
         images, labels = batch["image"], batch["label"]
         t_logits, embedding = teacher_outputs(teacher_apply_fns, teachers, images,
                                               embedding_teacher)  # [K, B, C], [B, D]
         feats = rl_policy.state_features(embedding, t_logits, labels, tau=tau,
                                          multilabel=multilabel)  # [K, B, F]
         probs = rl_policy.selection_probs(policy.params, feats)  # [K, B]
-        rl_phase = student.step >= equal_steps  # []
+        rl_phase = state.step >= equal_steps  # []
         sampled = rl_policy.sample_actions(action_key, probs)  # [K, B]
         actions = jnp.logical_or(sampled, jnp.logical_not(rl_phase))  # stage 1: all True
 
         def loss_fn(params):
-            logits, batch_stats = train_steps.forward_train(student, params, images, dropout_key)
+            logits, batch_stats = train_steps.forward_train(state, params, images, dropout_key)
             loss, aux = rl_policy.rl_kd_loss(logits, t_logits, labels, actions, tau=tau,
                                              alpha=alpha, multilabel=multilabel,
                                              class_weights=class_weights)
             return loss, (logits, batch_stats, aux)
 
         (loss, (logits, batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            student.params)
-        new_student = train_steps.apply_gradients(student, grads, batch_stats)
+            state.params)
+        new_student = train_steps.apply_gradients(state, grads, batch_stats)  # the policy unchanged
 
         def agent_update(policy):
             # The reward needs a second student forward pass, after the update, in eval mode.
@@ -231,7 +185,7 @@ def make_rl_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, a
                    **agent_metrics}
         for k in range(num_teachers):
             metrics[f"select_prob/t{k}"] = jnp.mean(probs[k])
-        return RLTrainState(student=new_student, policy=new_policy), metrics
+        return new_student.replace(policy=new_policy), metrics
 
     return rl_distill_step
 
@@ -250,7 +204,7 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                      evaluate: Callable[[Any, dict], dict] | None,
                      workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
                      image_shape: tuple[int, int, int], multilabel: bool,
-                     kd: KDSpec = KDSpec(weighting="equal"), rl: RLSpec = RLSpec(), seed: int = 0,
+                     distill: DistillConfig, seed: int = 0,
                      loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                      mesh: jax.sharding.Mesh | None = None, compile_only: bool = False,
                      class_weights=None, load_weights: Callable[[dict], dict] | None = None) -> RLStudentResult | None:
@@ -261,45 +215,46 @@ def train_rl_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       teachers: (apply_fn, variables) per teacher, frozen; at least one.
       make_train_iter: returns a fresh endless, checkpointable iterator of training batches.
       evaluate: `evaluate(state, extras) -> dict` at each epoch end (logged, not used to
-        select); `state` is the RLTrainState, which `evaluate.make_evaluator` takes as is.
+        select); `state` is the RLTrainState, which `validation.make_evaluator` takes as is.
       workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
       optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
         `rosjax.distill.trainer.train_student` (same seed and data: the same student
         initialisation, and in stage 1 the same keys, batches and loss as baseline III, so
         the same trajectory up to float rounding).
-      kd: temperature and KD weight; the weighting must be "equal" (stage 1 is baseline III).
-      rl: the agent and the length of stage 1.
+      distill: the --distill.* section: temperature and KD weight (stage 1 is baseline III's
+        equal weighting, so the teacher-weight draw options do not apply), and the agent's
+        --distill.rl_* options: length of stage 1, Adam learning rate, reward-baseline decay,
+        the embedding teacher (an index; -1 the last, DenseNet-121 in the paper's teacher
+        order, which is still distilled from like the others; images have no [CLS] token) and
+        per-example rewards. Checked at start-up by `rosjax.experiment.validate`.
       compile_only: only compile the step (`parallel.compile_step`, for compiling ahead) and return None.
       class_weights: optional host array [C] weighting the student's CE term (None: unweighted).
       load_weights: the student's starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
     """
     if not teachers:
         raise ValueError("baseline IV needs at least one teacher")
-    if kd.weighting != "equal" or kd.per_example or kd.normalize == "sumk":
-        raise ValueError(f"baseline IV's first stage is baseline III's equal weighting: use "
-                         f"KDSpec(weighting='equal') without per_example/normalize, got {kd}")
-    embedding_teacher = _teacher_index(rl.embedding_teacher, len(teachers))
-    if rl.equal_epochs >= optim_cfg.epochs:
+    embedding_teacher = _teacher_index(distill.rl_embedding_teacher, len(teachers))
+    if distill.rl_equal_epochs >= optim_cfg.epochs:
         log.warning("baseline IV: --distill.rl_equal_epochs=%d >= --optim.epochs=%d, the agent "
-                    "never acts and this run is baseline III", rl.equal_epochs, optim_cfg.epochs)
+                    "never acts and this run is baseline III", distill.rl_equal_epochs, optim_cfg.epochs)
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
                     seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, student, init_key, run_key, schedule = run.mesh, run.state, run.init_key, run.run_key, run.schedule
 
     apply_fns = tuple(apply for apply, _ in teachers)
     frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
-    policy_tx = optax.adam(rl.learning_rate)
+    policy_tx = optax.adam(distill.rl_learning_rate)
     feature_dim = state_feature_dim(apply_fns[embedding_teacher], frozen[embedding_teacher],
                                     image_shape, len(teachers))
     policy = jax.device_put(
         rl_policy.init_policy_state(jax.random.fold_in(init_key, 1), feature_dim, policy_tx),
         parallel.replicated(mesh))
-    state = RLTrainState(student=student, policy=policy)
-    step = make_rl_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
-                                equal_steps=rl.equal_epochs * steps_per_epoch, policy_tx=policy_tx,
-                                baseline_decay=rl.baseline_decay,
+    state = RLTrainState.create(student, policy)
+    step = make_rl_distill_step(apply_fns, tau=distill.tau, alpha=distill.alpha, multilabel=multilabel,
+                                equal_steps=distill.rl_equal_epochs * steps_per_epoch, policy_tx=policy_tx,
+                                baseline_decay=distill.rl_baseline_decay,
                                 embedding_teacher=embedding_teacher,
-                                per_example_reward=rl.per_example_reward,
+                                per_example_reward=distill.rl_per_example_reward,
                                 class_weights=class_weights)
     step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     if compile_only:

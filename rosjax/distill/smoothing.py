@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rosjax.data import device_augment
+
 
 def should_average(epoch, warmup_epochs):
     """True when the weights at the end of 0-based `epoch` join the running mean."""
@@ -122,14 +124,15 @@ def recalibrate_batch_stats(model, params, batch_stats, batches: Iterable):
       model: the flax Module (hashable; static under jit).
       params: the (averaged) parameters.
       batch_stats: a pytree with the model's BatchNorm statistics (only its structure is used).
-      batches: iterable of images [B, H, W, C] or of batch dicts with an 'image' entry.
+      batches: iterable of images [B, H, W, C] or of batch dicts with an 'image' entry (a
+        shipped batch's views are rendered, `rosjax.data.device_augment`).
     Returns:
       batch_stats with the recomputed statistics.
     """
     acc = jax.tree.map(jnp.zeros_like, batch_stats)
     count = 0
     for batch in batches:
-        x = batch["image"] if isinstance(batch, Mapping) else batch
+        x = device_augment.rendered(batch)["image"] if isinstance(batch, Mapping) else batch
         acc = _accumulate_batch_statistics(model, params, acc, x)
         count += 1
     if count == 0:

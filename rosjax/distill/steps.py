@@ -2,35 +2,46 @@
 
 `make_distill_step(...)` returns a pure function
 
-    distill_step(state, teachers, batch, run_key) -> (state, metrics)
+    distill_step(state, inputs, batch, run_key) -> (state, metrics)
 
-that `rosjax.train.parallel.jit_train_step(step, mesh, frozen=teachers)` compiles for data
-parallelism: the student state is donated, the teachers' variables are a separate,
-replicated, never-donated argument. A notebook can `jax.jit` it directly.
+that `rosjax.train.parallel.jit_train_step(step, mesh, frozen=inputs)` compiles for data
+parallelism: the student state is donated; `inputs` (`DistillInputs`: the teachers' variables
+and the teacher-weight rule) is a separate, replicated, never-donated argument. A notebook can
+`jax.jit` it directly.
 
 Teachers run in eval mode on the *same augmented batch* as the student, inside the same jitted
-program. With cached teacher outputs (FKD-style replay, `rosjax.distill.cache`), the batch
-carries `teacher_logits` [K, B, C] instead and no teacher runs.
+program (a shipped batch's views are rendered there first, `rosjax.data.device_augment`).
+With cached teacher outputs (FKD-style replay, `rosjax.distill.cache`), the batch carries
+`teacher_logits` [K, B, C] instead and no teacher runs.
 
-The settings of the paper are all this step with another weighting:
-  RoS-KD / baseline V   weighting="exponential"  (w_m ~ Exp(1), redrawn every step)
-  baseline III          weighting="equal"        (w_m = 1/K: the mean of the teachers' KL)
-  baseline II           one teacher, weighting="equal" (w = 1)
+The settings of the paper are all this step with another weight rule
+(`rosjax.distill.weighting.weight_rule`), an argument rather than a constant of the program, so
+they share one compiled program per student and number of teachers:
+  RoS-KD / baseline V   weight_rule("exponential", K)  (w_m ~ Exp(1), redrawn every step)
+  baseline III          weight_rule("equal", K)        (w_m = 1/K: the mean of the teachers' KL)
+  baseline II           weight_rule("equal", 1)        (one teacher, w = 1)
 Baseline I (no teachers) is `rosjax.train.steps.train_step`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from rosjax import losses
+from rosjax.data import device_augment
 from rosjax.distill import weighting
 from rosjax.train import steps as train_steps
 from rosjax.train.state import TrainState
+
+
+class DistillInputs(NamedTuple):
+    """The distillation step's frozen argument: replicated, never donated, never written back."""
+    teachers: tuple          # each teacher's variables; () with cached teacher outputs
+    rule: weighting.WeightRule  # how the step weighs the teachers
 
 
 def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], images: jax.Array) -> jax.Array:
@@ -40,36 +51,36 @@ def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], image
 
 
 def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
-                      weighting_kind: str = "exponential", per_example: bool = False,
-                      normalize: str = "sum1", class_weights=None) -> Callable:
-    """Builds `distill_step(state, teachers, batch, run_key) -> (state, metrics)`.
+                      per_example: bool = False, class_weights=None) -> Callable:
+    """Builds `distill_step(state, inputs, batch, run_key) -> (state, metrics)`.
 
     Args:
-      teacher_apply_fns: each teacher's `module.apply` (static; the variables come at call time).
+      teacher_apply_fns: each teacher's `module.apply` (static; the variables come at call time
+        in `inputs.teachers`); K = their number, also with cached outputs (then unused).
       tau, alpha: temperature and KD weight of the paper's eq. (4).
       multilabel: softmax KD (False) or per-label sigmoid KD (True).
-      weighting_kind: a key of `rosjax.distill.weighting.TEACHER_WEIGHTINGS`.
-      per_example, normalize: options of the teacher-weight draw (`rosjax.distill.weighting`;
-        normalize='none' is the paper's unnormalised Exp(1), 'sum1' the default Dirichlet).
+      per_example: one weight draw per example ([K, B]) instead of one per step ([K]).
       class_weights: optional host array [C] weighting the CE term (`losses.class_weights`);
         None, the default, is the paper's unweighted CE.
     The step's key is `fold_in(run_key, state.step)`, split into a dropout key and a
-    teacher-weight key, so a resumed run draws the same weights at the same step.
+    teacher-weight key, so a resumed run draws the same weights at the same step; the weights
+    follow `inputs.rule` (`rosjax.distill.weighting.rule_weights`).
     """
     num_teachers = len(teacher_apply_fns)
     if num_teachers < 1:
         raise ValueError("make_distill_step needs at least one teacher")
 
-    def distill_step(state: TrainState, teachers: Sequence[Any], batch: dict[str, jax.Array],
+    def distill_step(state: TrainState, inputs: DistillInputs, batch: dict[str, jax.Array],
                      run_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_key, weight_key = jax.random.split(train_steps.step_rng(run_key, state.step))
+        batch = device_augment.render(batch)  # a shipped batch's views, rendered in the step
         if "teacher_logits" in batch:
             t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))  # [K, B, C]
         else:
-            t_logits = teacher_logits(teacher_apply_fns, teachers, batch["image"])  # [K, B, C]
+            t_logits = teacher_logits(teacher_apply_fns, inputs.teachers, batch["image"])  # [K, B, C]
         batch_size = batch["image"].shape[0]
-        w = weighting.teacher_weights(weighting_kind, weight_key, num_teachers, per_example=per_example,
-                                      batch_size=batch_size, normalize=normalize)  # [K] or [K, B]
+        w = weighting.rule_weights(inputs.rule, weight_key, num_teachers, per_example=per_example,
+                                   batch_size=batch_size)  # [K] or [K, B]
 
         def loss_fn(params):
             logits, batch_stats = train_steps.forward_train(state, params, batch["image"], dropout_key)

@@ -26,35 +26,15 @@ import flax.linen as nn
 import jax
 
 from rosjax import checkpoint
-from rosjax.config import OptimConfig
+from rosjax.config import DistillConfig, OptimConfig
+from rosjax.data import device_augment
 from rosjax.distill import cache, smoothing
-from rosjax.distill.steps import make_distill_step
+from rosjax.distill import weighting as weighting_lib
+from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.train import loop, parallel, steps
 from rosjax.train.start import FINAL_DIR, start_run
 
 SMOOTH_KEY = "smooth"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KDSpec:
-    """How the teachers are combined (see `rosjax.distill.steps.make_distill_step`)."""
-    tau: float = 0.5
-    alpha: float = 0.9
-    weighting: str = "exponential"
-    per_example: bool = False
-    normalize: str = "sum1"          # see rosjax.distill.weighting ("none": the paper's unnormalised Exp(1))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SmoothSpec:
-    """M_smooth: running mean of the weights from the end of epoch `warmup_epochs` (0-based) on."""
-    warmup_epochs: int = 10
-    bn_mode: str = "recalibrate"     # "recalibrate" or "average"
-    recalibration_batches: int = 50  # 0: one full pass over the training split (an epoch's batches)
-
-    def __post_init__(self):
-        if self.bn_mode not in ("recalibrate", "average"):
-            raise ValueError(f"bn_mode must be 'recalibrate' or 'average', got {self.bn_mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +46,10 @@ class StudentResult:
 
 def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
                   make_train_iter: Callable[[], Iterator], evaluate: Callable[[Any, dict], dict] | None,
-                  workdir: str | os.PathLike, *, optim_cfg: OptimConfig, steps_per_epoch: int,
-                  image_shape: tuple[int, int, int], multilabel: bool, kd: KDSpec = KDSpec(),
-                  smooth: SmoothSpec | None = None, make_recalibration_batches: Callable[[], Iterator] | None = None,
+                  workdir: str | os.PathLike, *, optim_cfg: OptimConfig, distill: DistillConfig, weighting: str,
+                  normalize: str, per_example: bool, smooth: bool, steps_per_epoch: int,
+                  image_shape: tuple[int, int, int], multilabel: bool,
+                  make_recalibration_batches: Callable[[], Iterator] | None = None,
                   cached_teacher_outputs: bool = False, seed: int = 0,
                   loop_cfg: loop.LoopConfig = loop.LoopConfig(),
                   mesh: jax.sharding.Mesh | None = None, class_weights=None,
@@ -83,10 +64,14 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       workdir: this setting's folder (ckpt/, metrics.jsonl, final/).
       optim_cfg, steps_per_epoch, image_shape, multilabel, seed, loop_cfg, mesh: as in
         `rosjax.train.classifier.train_classifier`.
-      kd: temperature, KD weight and teacher weighting.
-      smooth: M_smooth options, or None for no weight averaging.
+      distill: the --distill.* section: temperature, KD weight and M_smooth's options (warm-up,
+        BatchNorm mode, recalibration batches); checked at start-up by `rosjax.experiment.validate`.
+      weighting, normalize, per_example: how the teachers are combined (the setting's, from the
+        registry): "equal" (1/K) or "exponential" (random draws), their rescaling and whether
+        each example draws its own (`rosjax.distill.weighting`).
+      smooth: also keep and export M_smooth, the running mean of the epoch weights.
       make_recalibration_batches: returns training batches (un-augmented is fine) for the
-        BatchNorm recalibration of M_smooth; needed when smooth.bn_mode == "recalibrate".
+        BatchNorm recalibration of M_smooth; needed when distill.bn_mode == "recalibrate".
       cached_teacher_outputs: the train batches carry the teachers' stored logits
         (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
       class_weights: optional host array [C] weighting the CE term (`rosjax.losses.class_weights`);
@@ -99,27 +84,29 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
 
     if teachers:
         apply_fns = tuple(apply for apply, _ in teachers)
-        step = make_distill_step(apply_fns, tau=kd.tau, alpha=kd.alpha, multilabel=multilabel,
-                                 weighting_kind=kd.weighting, per_example=kd.per_example, normalize=kd.normalize,
-                                 class_weights=class_weights)
+        step = make_distill_step(apply_fns, tau=distill.tau, alpha=distill.alpha, multilabel=multilabel,
+                                 per_example=per_example, class_weights=class_weights)
+        # The weighting is an argument of the compiled step, so that the settings distilling from
+        # as many teachers share one program; cached outputs leave the teachers out of it.
+        rule = weighting_lib.weight_rule(weighting, len(teachers), normalize=normalize)
+        variables = () if cached_teacher_outputs else tuple(v for _, v in teachers)
+        frozen = jax.device_put(DistillInputs(teachers=variables, rule=rule), parallel.replicated(mesh))
         if cached_teacher_outputs:  # batches carry teacher_logits [B, K, C]; no teacher runs
-            step_fn = parallel.jit_train_step(cache.cached_distill_step(step), mesh)
-        else:
-            frozen = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
-            step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
+            step = cache.cached_distill_step(step)
+        step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     else:
         step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
                                                             class_weights=class_weights), mesh)
 
     extras, on_epoch_end = {}, None
-    if smooth is not None:
+    if smooth:
         # Replicated like the state, so a restore targets the same shardings as a fresh run.
         extras = jax.device_put({SMOOTH_KEY: smoothing.SmoothState.create(
-            state.params, state.batch_stats, average_batch_stats=smooth.bn_mode == "average")},
+            state.params, state.batch_stats, average_batch_stats=distill.bn_mode == "average")},
             parallel.replicated(mesh))
 
         def on_epoch_end(state, epoch, extras):
-            if not smoothing.should_average(epoch, smooth.warmup_epochs):
+            if not smoothing.should_average(epoch, distill.warmup_epochs):
                 return extras
             return {SMOOTH_KEY: _average_in(extras[SMOOTH_KEY], state.params, state.batch_stats)}
 
@@ -132,9 +119,10 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
     variables = result.state.variables
     checkpoint.save_variables(final / "student", variables)
     smooth_variables = None
-    if smooth is not None:
-        smooth_variables = smoothed_variables(model, result.extras[SMOOTH_KEY], variables, smooth,
-                                              make_recalibration_batches, mesh, steps_per_epoch=steps_per_epoch)
+    if smooth:
+        smooth_variables = smoothed_variables(model, result.extras[SMOOTH_KEY], variables, distill,
+                                              make_recalibration_batches, mesh,
+                                              steps_per_epoch=steps_per_epoch)
         checkpoint.save_variables(final / "smooth", smooth_variables)
     return StudentResult(variables=variables, smooth_variables=smooth_variables, fit=result)
 
@@ -146,22 +134,23 @@ def _average_in(smooth_state: smoothing.SmoothState, params: Any, batch_stats: A
 
 
 def smoothed_variables(model: nn.Module, smooth_state: smoothing.SmoothState, student_variables: dict,
-                       spec: SmoothSpec, make_batches: Callable[[], Iterator] | None,
+                       distill: DistillConfig, make_batches: Callable[[], Iterator] | None,
                        mesh: jax.sharding.Mesh, *, steps_per_epoch: int) -> dict[str, Any]:
     """M_smooth's variables: the averaged params with recalibrated (or averaged) BatchNorm statistics.
 
-    Recalibration reads the first `spec.recalibration_batches` batches of `make_batches()`, or with 0
-    the first `steps_per_epoch` (one epoch of the training iterator: every training example once, up
-    to the incomplete last batch an epoch drops), like torch's `update_bn` over the train loader.
+    Recalibration reads the first `--distill.recalibration_batches` batches of `make_batches()`, or
+    with 0 the first `steps_per_epoch` (one epoch of the training iterator: every training example
+    once, up to the incomplete last batch an epoch drops), like torch's `update_bn` over the train loader.
     """
     if int(smooth_state.count) == 0:
         raise ValueError(f"M_smooth averaged no snapshot: the run has no epoch after the warm-up of "
-                         f"{spec.warmup_epochs} epochs (--distill.warmup_epochs must be < --optim.epochs)")
-    if spec.bn_mode == "average":
+                         f"{distill.warmup_epochs} epochs (--distill.warmup_epochs must be < --optim.epochs)")
+    if distill.bn_mode == "average":
         return {"params": smooth_state.params, "batch_stats": smooth_state.batch_stats}
     if make_batches is None:
         raise ValueError("bn_mode='recalibrate' needs make_recalibration_batches")
-    batches = (parallel.shard_batch({"image": b["image"]}, mesh)
-               for b in itertools.islice(make_batches(), spec.recalibration_batches or steps_per_epoch))
+    pixels = ("image", device_augment.VIEW_KEY)  # the images, or the shipped pixels and views
+    batches = (parallel.shard_batch({k: v for k, v in b.items() if k in pixels}, mesh)
+               for b in itertools.islice(make_batches(), distill.recalibration_batches or steps_per_epoch))
     stats = smoothing.recalibrate_batch_stats(model, smooth_state.params, student_variables["batch_stats"], batches)
     return {"params": smooth_state.params, "batch_stats": stats}

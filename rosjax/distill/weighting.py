@@ -23,7 +23,9 @@ into the run's key, so a resumed run draws the same weights at the same step.
 """
 from __future__ import annotations
 
+import functools
 from numbers import Integral
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +107,35 @@ def teacher_weights(kind, key, num_teachers, *, per_example=False, batch_size=No
                          f"{sorted(TEACHER_WEIGHTINGS)}")
     return TEACHER_WEIGHTINGS[kind](key, num_teachers, per_example=per_example,
                                     batch_size=batch_size, normalize=normalize)
+
+
+class WeightRule(NamedTuple):
+    """A teacher-weight scheme as arrays, so that it is an argument of the compiled step, not a
+    constant in it: the students of baselines II/III, RoS-KD and its variants then share one
+    compiled program per (student, number of teachers), where a CPU spends most of a short run
+    compiling. `rule_weights` turns it into the weights of one step, bit for bit the weights of
+    `teacher_weights` for the same scheme and key."""
+    random: jax.Array     # [] bool: draw Exp(1) weights (True) or take `fixed` (False)
+    normalize: jax.Array  # [] int32: the draws' rescaling, an index into NORMALIZATIONS
+    fixed: jax.Array      # [K] float32: the weights when not random (equal: 1/K, or 1 with 'sumk')
+
+
+def weight_rule(kind, num_teachers, *, normalize=DEFAULT_NORMALIZE) -> WeightRule:
+    """The WeightRule of the scheme `kind` ('exponential' or 'equal', as `teacher_weights`)."""
+    if kind not in TEACHER_WEIGHTINGS:
+        raise ValueError(f"weighting: unknown teacher weighting kind={kind!r}; options are "
+                         f"{sorted(TEACHER_WEIGHTINGS)}")
+    _check_common(num_teachers, False, None, normalize)
+    fixed = _equal(None, num_teachers, normalize=normalize)  # [K]; unused by 'exponential'
+    return WeightRule(random=jnp.asarray(kind == "exponential"),
+                      normalize=jnp.asarray(NORMALIZATIONS.index(normalize), jnp.int32), fixed=fixed)
+
+
+def rule_weights(rule: WeightRule, key, num_teachers, *, per_example=False, batch_size=None):
+    """The weights [K] or [K, B] of one step under `rule` (traced; see WeightRule)."""
+    _check_common(num_teachers, per_example, batch_size, "none")
+    shape = _shape(num_teachers, per_example, batch_size)
+    w = jax.random.exponential(key, shape, jnp.float32)
+    rescaled = jax.lax.switch(rule.normalize, [functools.partial(_normalize, normalize=n) for n in NORMALIZATIONS], w)
+    fixed = jnp.broadcast_to(rule.fixed.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+    return jnp.where(rule.random, rescaled, fixed)

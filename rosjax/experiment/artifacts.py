@@ -14,13 +14,11 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from rosjax import checkpoint, models
 from rosjax.config import ExperimentConfig
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment import workdir as workdir_lib
-from rosjax.train.state import TrainState
 
 MODEL_JSON = "model.json"
 
@@ -40,13 +38,6 @@ def build_model(spec: dict[str, Any]):
         raise ValueError(f"dtype {spec['dtype']!r}: expected one of {', '.join(dtypes)}")
     return models.create(spec["architecture"], spec["num_classes"], dtype=dtypes[spec["dtype"]],
                          pixel_mean=tuple(spec["pixel_mean"]), pixel_std=tuple(spec["pixel_std"]))
-
-
-def inference_state(model, variables: dict[str, Any]) -> TrainState:
-    """A state without optimiser, for `rosjax.train.evaluate` passes over a finished model."""
-    return TrainState(step=np.zeros((), np.int32), params=variables["params"],
-                      batch_stats=variables.get("batch_stats", {}), opt_state=None,
-                      apply_fn=model.apply, tx=None)
 
 
 def write_spec(folder: pathlib.Path, spec: dict[str, Any]) -> None:

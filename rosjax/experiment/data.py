@@ -16,12 +16,13 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from rosjax import atomic
 from rosjax.config import ExperimentConfig
-from rosjax.data import DataError, datasets, noise, pipeline, splits
-from rosjax.data.builder_utils import decode_text
+from rosjax.data import DataError, datasets, device_augment, noise, pipeline, splits
+from rosjax.data.input_files import decode_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,18 +289,32 @@ def augment_config(cfg: ExperimentConfig) -> pipeline.AugmentConfig:
     return presets[cfg.data.augment]()
 
 
+def augment_on(cfg: ExperimentConfig) -> str:
+    """Where this run renders its views: --data.augment_on, with "auto" resolved for this backend
+    (the jitted steps on an accelerator, PIL on a CPU, where in-program rendering only adds compile time)."""
+    if cfg.data.augment_on != "auto":
+        return cfg.data.augment_on
+    return "host" if jax.default_backend() == "cpu" else "device"
+
+
 def train_iterator(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, seed: int):
     """Checkpointable iterator of augmented training batches over `rows`, repeated forever."""
     return pipeline.train_iterator(data.dataset.source, rows, data.train_labels, image_size=cfg.data.image_size,
                                    batch_size=cfg.optim.batch_size, seed=seed, augment=augment_config(cfg),
-                                   num_workers=cfg.data.num_workers)
+                                   num_workers=cfg.data.num_workers, augment_on=augment_on(cfg))
 
 
-def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None):
+def eval_batches(data: ExperimentData, cfg: ExperimentConfig, rows: np.ndarray, *, batch_size: int | None = None,
+                 rendered: bool = False):
     """Padded, masked evaluation batches over `rows` with `data.eval_labels` (the stored labels; noisy on
-    validation rows with --data.noise_validation)."""
-    return pipeline.eval_batches(data.dataset.source, rows, data.eval_labels, image_size=cfg.data.image_size,
-                                 batch_size=batch_size or cfg.data.eval_batch_size)
+    validation rows with --data.noise_validation).
+
+    As shipped (`--data.augment_on`; the eval step renders them), or with `rendered` always with
+    float32 [B, S, S, C] images in [0, 1], for code that takes pixels (attacks, loss landscapes).
+    """
+    batches = pipeline.eval_batches(data.dataset.source, rows, data.eval_labels, image_size=cfg.data.image_size,
+                                    batch_size=batch_size or cfg.data.eval_batch_size, augment_on=augment_on(cfg))
+    return map(device_augment.rendered, batches) if rendered else batches
 
 
 def steps_per_epoch(cfg: ExperimentConfig, rows: np.ndarray) -> int:

@@ -18,7 +18,7 @@ from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
 from rosjax.experiment import data as data_lib
-from rosjax.experiment import evaluation, training, validate
+from rosjax.experiment import scoring, training, validate
 from rosjax.experiment import seeds as seeds_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
@@ -115,7 +115,7 @@ def _train_and_score(cfg: ExperimentConfig, wd: Workdir, data: data_lib.Experime
         finally:
             compiler.close()
     if "evaluate" in stages:
-        evaluation.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh,
+        scoring.evaluate_all(cfg, wd, data, [s for s in settings if done(wd.setting_dir(s))], mesh,
                                 analyses=analyses)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from rosjax.config import ExperimentConfig
 from rosjax.eval import metrics, stats
-from rosjax.experiment import evaluation
+from rosjax.experiment import scoring
 
 METRICS = ("f1_macro", "auroc_macro")  # the differences the report gives intervals for
 
@@ -95,7 +95,7 @@ def aggregate(records: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def _load(root: pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(truth, pred, score) [N, C] of a setting's stored test outputs (Table I's decisions), or None."""
-    path = evaluation.predictions_path(root, name)
+    path = scoring.predictions_path(root, name)
     if not path.exists():
         return None
     with np.load(path) as stored:

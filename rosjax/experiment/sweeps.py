@@ -27,14 +27,21 @@ from matplotlib.figure import Figure
 from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.experiment import data as data_lib
-from rosjax.experiment import evaluation, training
+from rosjax.experiment import scoring, training
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, check_config, done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-WEIGHT_VARIANTS = {  # name -> (normalize, per_example)
-    "none": ("none", False), "sum1": ("sum1", False), "sumk": ("sumk", False), "per_example": ("sum1", True)}
+PER_EXAMPLE = "per_example_"  # name prefix of the weights sweep's points with per-example draws
+
+
+def weight_points(sweeps: config_lib.SweepConfig) -> dict[str, tuple[str, bool]]:
+    """The points of the teacher-weight sweep, name -> (--distill.normalize, --distill.per_example):
+    each of `sweeps.normalizations` with one draw per step (named by the normalisation, e.g. "sumk"),
+    then each of `sweeps.per_example_normalizations` with per-example draws ("per_example_sum1")."""
+    return {**{n: (n, False) for n in sweeps.normalizations},
+            **{PER_EXAMPLE + n: (n, True) for n in sweeps.per_example_normalizations}}
 
 
 def student_options(d: config_lib.DistillConfig, student: str) -> config_lib.DistillConfig:
@@ -54,16 +61,17 @@ def run_point(cfg: ExperimentConfig, wd: Workdir, mesh, *, settings, teachers_wd
             training.train_teacher(cfg, wd, data, key, mesh)
     for setting in settings:
         training.train_setting(cfg, wd, data, setting, mesh, teachers_wd=teachers_wd or wd)
-    return evaluation.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
+    return scoring.evaluate_all(cfg, wd, data, settings, mesh, analyses=False)["settings"]
 
 
 def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
     """Runs the three sweeps, writes `eval/sweeps.json` and one plot per sweep; returns the results."""
     compared = settings_lib.COMPARED
-    main = {name: read_json(path) for name in evaluation.settings_to_evaluate(compared)
+    main = {name: read_json(path) for name in scoring.settings_to_evaluate(compared)
             if (path := wd.root / "eval" / f"{name}.json").exists()}
     # validate.check_options made sure the main run's baseline III and RoS-KD are evaluated.
     d = cfg.distill
+    weights = weight_points(cfg.sweeps)
     sweeps = {
         "overlap": _sweep(
             cfg, wd, mesh, main, compared, "overlap", "overlap ratio p", "Figure 3: teacher-subset overlap",
@@ -77,9 +85,9 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
         "weights": _sweep(
             cfg, wd, mesh, main, settings_lib.WEIGHT_OPTIONS, "weights", "teacher weights",
             "Teacher-weight normalisation",
-            cfg.sweeps.normalizations, str, lambda v: WEIGHT_VARIANTS[v] == (d.normalize, d.per_example),
+            tuple(weights), str, lambda v: weights[v] == (d.normalize, d.per_example),
             lambda v: dataclasses.replace(cfg, distill=dataclasses.replace(
-                d, normalize=WEIGHT_VARIANTS[v][0], per_example=WEIGHT_VARIANTS[v][1])),
+                d, normalize=weights[v][0], per_example=weights[v][1])),
             own_teachers=False),
     }
     write_json(wd.path("eval", "sweeps.json"), sweeps)
@@ -89,7 +97,7 @@ def run_sweeps(cfg: ExperimentConfig, wd: Workdir, mesh) -> dict[str, Any]:
 def _sweep(cfg, wd, mesh, main, settings, name, parameter, title, values, point_name: Callable, is_main: Callable,
            point_cfg: Callable, *, own_teachers: bool) -> dict[str, Any]:
     """One sweep: `settings` trained at every point but the main run's; test macro-F1 per point and setting."""
-    scored = evaluation.settings_to_evaluate(settings)
+    scored = scoring.settings_to_evaluate(settings)
     points = {}
     for value in values:
         if is_main(value):

@@ -25,9 +25,10 @@ from rosjax.eval import collapse
 from rosjax.experiment import artifacts
 from rosjax.experiment import data as data_lib
 from rosjax.experiment import settings as settings_lib
-from rosjax.experiment.workdir import StageClaim, Workdir, done, mark_done
+from rosjax.experiment.workdir import Workdir, claim_unless_done, done, mark_done
 from rosjax.models import pretrained
-from rosjax.train import classifier, evaluate, loop, parallel
+from rosjax.train import classifier, loop, parallel, validation
+from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def spec_for(cfg: ExperimentConfig, data: data_lib.ExperimentData, architecture:
 
 
 def validation_evaluator(cfg, data, mesh):
-    return evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["validation"]), mesh=mesh,
+    return validation.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["validation"]), mesh=mesh,
                                    multilabel=data.multilabel, class_names=data.dataset.class_names)
 
 
@@ -71,9 +72,9 @@ def wall_clock(folder: pathlib.Path) -> float:
 
 def test_metrics(cfg, data, model, variables, mesh) -> dict[str, Any]:
     """Test-split metrics of a finished model (`classification_metrics` plus mean loss)."""
-    evaluator = evaluate.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
+    evaluator = validation.make_evaluator(lambda: data_lib.eval_batches(data, cfg, data.splits["test"]), mesh=mesh,
                                         multilabel=data.multilabel, class_names=data.dataset.class_names)
-    return evaluator(artifacts.inference_state(model, variables), {})
+    return evaluator(ModelState.of(model, variables), {})
 
 
 class CompileAhead:
@@ -179,26 +180,22 @@ def train_teacher(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=seed)  # noqa: E731
     if compile_only:
         return classifier.train_classifier(model, make_iter, None, folder, **run, compile_only=True)
-    if (record := done(folder)) is not None:
+    with claim_unless_done(folder) as record:
+        if record is not None:
+            return record
+        log.info("teacher %s (%s): %d training examples", "full" if full else index, architecture, len(rows))
+        artifacts.write_spec(folder, spec)
+        if compiler is not None:
+            compiler.wait(index)
+        result = classifier.train_classifier(model, make_iter, validation_evaluator(cfg, data, mesh), folder, **run,
+                                             loop_cfg=loop_config(cfg))
+        record = {"index": "full" if full else index, "architecture": architecture, "train_examples": int(len(rows)),
+                  "trained_on": "the full training split" if full else f"subset {index}",
+                  "pretrained": pretrained_path(cfg, first),
+                  "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
+                  "test": test_metrics(cfg, data, model, result.variables, mesh)}
+        mark_done(folder, record)
         return record
-    claim = StageClaim(folder)
-    if (record := done(folder)) is not None:  # finished by the job that held the claim
-        claim.release()
-        return record
-    log.info("teacher %s (%s): %d training examples", "full" if full else index, architecture, len(rows))
-    artifacts.write_spec(folder, spec)
-    if compiler is not None:
-        compiler.wait(index)
-    result = classifier.train_classifier(model, make_iter, validation_evaluator(cfg, data, mesh), folder, **run,
-                                         loop_cfg=loop_config(cfg))
-    record = {"index": "full" if full else index, "architecture": architecture, "train_examples": int(len(rows)),
-              "trained_on": "the full training split" if full else f"subset {index}",
-              "pretrained": pretrained_path(cfg, first),
-              "best_step": result.best_step, "wall_clock_s": wall_clock(folder),
-              "test": test_metrics(cfg, data, model, result.variables, mesh)}
-    mark_done(folder, record)
-    claim.release()
-    return record
 
 
 def pretrained_path(cfg: ExperimentConfig, index: int) -> str | None:
@@ -248,70 +245,68 @@ def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
     itself); sweeps over student options reuse the main run's teachers this way.
     `compile_only` (the RL setting only) compiles its step and returns None (`CompileAhead`'s job).
     """
-    entry = settings_lib.get(setting)
     folder = wd.setting_dir(setting)
     spec = spec_for(cfg, data, cfg.distill.student)
-    if not compile_only:
-        if (record := done(folder)) is not None:
-            return record
-        claim = StageClaim(folder)
-        if (record := done(folder)) is not None:  # finished by the job that held the claim
-            claim.release()
+    teachers_wd = teachers_wd or wd
+    if compile_only:
+        _fit_student(cfg, teachers_wd, data, setting, spec, folder, mesh, compile_only=True)
+        return None
+    with claim_unless_done(folder) as record:
+        if record is not None:
             return record
         log.info("setting %s: student %s, %d training examples", setting, cfg.distill.student,
                  len(data.splits["train"]))
         artifacts.write_spec(folder, spec)
         if compiler is not None:
             compiler.wait(setting)
+        cached = _fit_student(cfg, teachers_wd, data, setting, spec, folder, mesh)
+        record = {"setting": setting, "teachers": settings_lib.get(setting).teacher_keys(cfg),
+                  "student": cfg.distill.student, "pretrained": student_pretrained_path(cfg),
+                  "wall_clock_s": wall_clock(folder),
+                  "teacher_outputs": "cached" if cached else "online"}
+        if symptoms := collapse.gradient_symptoms(collapse.grad_norms_from_file(folder / loop.METRICS_FILE)):
+            log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))
+            record["collapsed"] = symptoms
+        mark_done(folder, record)
+        return record
+
+
+def _fit_student(cfg: ExperimentConfig, teachers_wd: Workdir, data: data_lib.ExperimentData, setting: str,
+                 spec: dict[str, Any], folder: pathlib.Path, mesh: jax.sharding.Mesh, *,
+                 compile_only: bool = False) -> bool:
+    """Trains (or, RL only, compiles) the student of `setting` in `folder`; returns whether its
+    batches carried cached teacher outputs."""
+    entry = settings_lib.get(setting)
     model = artifacts.build_model(spec)
     rows = data.splits["train"]
     keys = entry.teacher_keys(cfg)
-    teachers = load_teachers(cfg, teachers_wd or wd, keys, mesh)
+    teachers = load_teachers(cfg, teachers_wd, keys, mesh)
     make_iter = lambda: data_lib.train_iterator(data, cfg, rows, seed=_seed(cfg, "student", 0))  # noqa: E731
     # Baseline IV's agent needs a teacher's pooled features, which the cache does not store.
     cached = cfg.distill.teacher_outputs == "cached" and bool(keys) and entry.trainer != "rl"
     if cached:
-        store, picked = teacher_cache(cfg, teachers_wd or wd, data, mesh, keys)
+        store, picked = teacher_cache(cfg, teachers_wd, data, mesh, keys)
         make_train_iter = lambda: cache_lib.cached_train_iterator(  # noqa: E731
             data.dataset.source, rows, data.train_labels, store, image_size=cfg.data.image_size,
             batch_size=cfg.optim.batch_size, seed=_seed(cfg, "student", 0), teacher_indices=picked,
             num_workers=cfg.data.num_workers)
     else:
         make_train_iter = make_iter
-    common = dict(optim_cfg=cfg.optim, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
+    common = dict(optim_cfg=cfg.optim, distill=cfg.distill, steps_per_epoch=data_lib.steps_per_epoch(cfg, rows),
                   image_shape=image_shape(cfg, data), multilabel=data.multilabel,
                   seed=_seed(cfg, "student", 0), loop_cfg=loop_config(cfg), mesh=mesh,
                   class_weights=class_weights(cfg, data, rows),
                   load_weights=weights_loader(cfg.distill.student, student_pretrained_path(cfg)))
-    d = cfg.distill
     if entry.trainer == "rl":
         rl_trainer.train_rl_student(model, teachers, make_iter, validation_evaluator(cfg, data, mesh), folder,
-                                    kd=trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting="equal"),
-                                    rl=rl_trainer.RLSpec(equal_epochs=d.rl_equal_epochs,
-                                                         learning_rate=d.rl_learning_rate,
-                                                         baseline_decay=d.rl_baseline_decay),
                                     **common, compile_only=compile_only)
-        if compile_only:
-            return None
     else:
         normalize, per_example = entry.kd_weights(cfg)
-        kd = trainer.KDSpec(tau=d.tau, alpha=d.alpha, weighting=entry.weighting, per_example=per_example,
-                            normalize=normalize)
-        smooth = (trainer.SmoothSpec(warmup_epochs=d.warmup_epochs, bn_mode=d.bn_mode,
-                                     recalibration_batches=d.recalibration_batches)
-                  if entry.smoothing else None)
         trainer.train_student(model, teachers, make_train_iter, validation_evaluator(cfg, data, mesh), folder,
-                              kd=kd, smooth=smooth, make_recalibration_batches=make_iter,
+                              weighting=entry.weighting, normalize=normalize, per_example=per_example,
+                              smooth=entry.smoothing, make_recalibration_batches=make_iter,
                               cached_teacher_outputs=cached, **common)
-    record = {"setting": setting, "teachers": keys, "student": cfg.distill.student,
-              "pretrained": student_pretrained_path(cfg),
-              "wall_clock_s": wall_clock(folder), "teacher_outputs": "cached" if cached else "online"}
-    if symptoms := collapse.gradient_symptoms(collapse.grad_norms_from_file(folder / loop.METRICS_FILE)):
-        log.warning("COLLAPSE: setting %s: %s", setting, collapse.describe(symptoms))
-        record["collapsed"] = symptoms
-    mark_done(folder, record)
-    claim.release()
-    return record
+    return cached
 
 
 def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, mesh,
@@ -330,7 +325,7 @@ def teacher_cache(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         load_teachers(cfg, wd, stored, mesh), data.dataset.source, data.splits["train"],
         image_size=cfg.data.image_size, augment=data_lib.augment_config(cfg), num_views=cfg.distill.cache_views,
         seed=_seed(cfg, "student", 0), batch_size=cfg.distill.cache_batch_size, directory=wd.folder(folder),
-        mesh=mesh)
+        mesh=mesh, augment_on=data_lib.augment_on(cfg))
     return cache, [stored.index(k) for k in keys]
 
 

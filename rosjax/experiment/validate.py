@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 from rosjax import losses
 from rosjax.config import ExperimentConfig
 from rosjax.data import noise as noise_lib
+from rosjax.data.pipeline import AUGMENT_ON
 from rosjax.distill import weighting
 from rosjax.errors import UserError
 from rosjax.experiment import settings as settings_lib
-from rosjax.models import MODEL_NAMES
+from rosjax.models import MODEL_NAMES, SMALL_MODEL_NAMES
 
-ARCHITECTURES = (*MODEL_NAMES, "tiny_cnn")
+ARCHITECTURES = (*MODEL_NAMES, *SMALL_MODEL_NAMES)
 DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
             "nih_chestxray14": {"channels": 1, "multilabel": True, "noise": ("flip",)},
             # Your own CSV + images: channels from --data.channels, multi-label with several
@@ -164,6 +165,7 @@ def _check_data(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     p.require(d.noise != "none" or not d.noise_validation, "data.noise_validation", d.noise_validation,
               "needs --data.noise (the validation labels get the training labels' noise)")
     p.one_of("data.augment", d.augment, ("dermoscopy", "chest_xray"))
+    p.one_of("data.augment_on", d.augment_on, ("auto", *AUGMENT_ON))
     if facts is not None:
         for field in ("pixel_mean", "pixel_std"):
             value = getattr(d, field)
@@ -259,6 +261,9 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
               f"must be in 0..{epochs - 1}, or the agent never acts (--optim.epochs={epochs})")
     p.require(d.rl_learning_rate > 0, "distill.rl_learning_rate", d.rl_learning_rate, "must be > 0")
     p.require(0 <= d.rl_baseline_decay < 1, "distill.rl_baseline_decay", d.rl_baseline_decay, "must be in [0, 1)")
+    teachers = len(cfg.teachers.architectures)
+    p.require(-teachers <= d.rl_embedding_teacher < teachers, "distill.rl_embedding_teacher", d.rl_embedding_teacher,
+              f"a teacher index in {-teachers}..{teachers - 1} (negative: from the end of --teachers.architectures)")
 
 
 def _check_evaluation(p: _Problems, cfg: ExperimentConfig) -> None:
@@ -277,8 +282,6 @@ def _check_evaluation(p: _Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir: pathlib.Path | None) -> None:
-    from rosjax.experiment.sweeps import WEIGHT_VARIANTS  # noqa: PLC0415
-
     compared = settings_lib.COMPARED
 
     s = cfg.sweeps
@@ -286,8 +289,11 @@ def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir
         p.require(0.0 <= value <= 1.0, "sweeps.overlaps", value, "each overlap must be in [0, 1]")
     for arch in s.students:
         p.one_of("sweeps.students", arch, ARCHITECTURES)
-    for name in s.normalizations:
-        p.one_of("sweeps.normalizations", name, tuple(WEIGHT_VARIANTS))
+    for field in ("normalizations", "per_example_normalizations"):
+        values = getattr(s, field)
+        for name in values:
+            p.one_of(f"sweeps.{field}", name, weighting.NORMALIZATIONS)
+        p.require(len(set(values)) == len(values), f"sweeps.{field}", values, "a normalisation is named twice")
     p.one_of("sweeps.fold_student", s.fold_student, ARCHITECTURES)
     p.require(len(s.fold_seeds) >= 1 and all(x >= 0 for x in s.fold_seeds)
               and len(set(s.fold_seeds)) == len(s.fold_seeds), "sweeps.fold_seeds", s.fold_seeds,

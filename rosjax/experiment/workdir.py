@@ -6,7 +6,7 @@ Layout (documented in the README):
       config.json                      the resolved ExperimentConfig
       data/summary.json                split sizes, groups shared between splits, teacher subsets
       teachers/<i>-<arch>/             one teacher: ckpt/ (Orbax), metrics.jsonl, final/, DONE.json
-      settings/<setting>/              one student setting (baseline_i, ..., rosjax): same files
+      settings/<setting>/              one student setting (rosjax.experiment.settings): same files
       eval/<setting>.json              test metrics, attacks
       eval/<setting>.test.npz          test-split logits [N, C], labels, losses (the report's bootstrap)
       plots/*.png                      landscapes and sweep figures
@@ -19,9 +19,11 @@ as the stage's last act, so a crash leaves no marker and the rerun redoes (or re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from rosjax import atomic
@@ -86,6 +88,25 @@ class StageClaim:
 
     def release(self) -> None:
         self._file.close()  # closing the file drops the lock
+
+
+@contextlib.contextmanager
+def claim_unless_done(folder: pathlib.Path) -> Iterator[dict[str, Any] | None]:
+    """The `with` block of a stage that runs at most once: yields the stage's DONE record when
+    it has finished (nothing is claimed), else None while the block holds its `StageClaim`.
+
+    The record is read twice: before claiming (a finished stage needs no lock) and after (the
+    job that held the claim may have finished meanwhile). The claim is released when the block
+    ends, also by an exception; StageBusyError if another job holds it.
+    """
+    if (record := done(folder)) is not None:
+        yield record
+        return
+    claim = StageClaim(folder)
+    try:
+        yield done(folder)
+    finally:
+        claim.release()
 
 
 def write_json(path: pathlib.Path, payload: Any) -> None:

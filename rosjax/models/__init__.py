@@ -1,7 +1,10 @@
 """The model zoo: torchvision's classification networks as Flax linen modules.
 
-`create(name, num_classes)` builds one of the paper's models (`MODEL_NAMES`) or `tiny_cnn`,
-a very small BatchNorm CNN for fast tests. Every model takes NHWC pixels in [0, 1] with any
+`create(name, num_classes)` builds one of the paper's models (`MODEL_NAMES`), or one of the
+small models for CPU runs (`SMALL_MODEL_NAMES`): `densenet21`, DenseNet-121's code with two
+layers per dense block instead of 6/12/24/16 (21 layers counted as torchvision counts 121; the
+smoke runs' DenseNet, compiled in a tenth of DenseNet-121's time), and `tiny_cnn`, a very small
+BatchNorm CNN for fast tests. Neither is in the paper. Every model takes NHWC pixels in [0, 1] with any
 channel count, normalises them with its `pixel_mean`/`pixel_std`, and returns float32 logits
 [B, num_classes] (or `(logits, features)` with `return_features=True`):
 
@@ -28,6 +31,7 @@ from rosjax.models.resnet import BasicBlock, Bottleneck, ResNet
 from rosjax.models.tiny import TinyCNN
 
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "densenet121")
+SMALL_MODEL_NAMES = ("densenet21", "tiny_cnn")
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
@@ -36,6 +40,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2": MobileNetV2,
     "densenet121": functools.partial(DenseNet, growth_rate=32, block_config=(6, 12, 24, 16),
                                      num_init_features=64, bn_size=4),
+    "densenet21": functools.partial(DenseNet, growth_rate=32, block_config=(2, 2, 2, 2),
+                                    num_init_features=64, bn_size=4),
     "tiny_cnn": TinyCNN,
 }
 
@@ -62,4 +68,4 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
         pixel_std=None if pixel_std is None else tuple(float(s) for s in pixel_std))
 
 
-__all__ = ["MODEL_NAMES", "create", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]
+__all__ = ["MODEL_NAMES", "SMALL_MODEL_NAMES", "create", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]

@@ -3,7 +3,7 @@
 `train_classifier` wires the optimiser, the state, the supervised step and `fit` together and
 exports the model selected on validation to `<workdir>/final` (`checkpoint.save_variables`).
 The caller supplies the data (a train-iterator factory, an `evaluate` callback such as
-`evaluate.make_evaluator(...)`); a rerun with the same work directory resumes.
+`validation.make_evaluator(...)`); a rerun with the same work directory resumes.
 """
 from __future__ import annotations
 

@@ -13,10 +13,12 @@ then runs the same code, feeds its own slice of the global batch (`shard_batch` 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import jax
 import numpy as np
 
@@ -89,6 +91,27 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+_programs = itertools.count()
+
+
+def traced_once(fn: Callable) -> Callable:
+    """`fn` under `chex.assert_max_traces(n=1)`, for `jax.jit`: a second trace of the program
+    raises AssertionError naming it instead of silently compiling it again.
+
+    A jitted step is traced (and compiled, minutes for DenseNet-121) once per argument
+    signature; a second trace means an argument changed shape, dtype, weak type or structure
+    between calls (say a state whose step counter became a Python int), and every epoch
+    would pay a compile. chex counts traces per definition site and name, and every run's
+    step is built at the same site here, so each wrapper gets a name of its own (`fn#n`):
+    the counter is the program's, not the site's.
+    """
+    def program(*args):
+        return fn(*args)
+
+    program.__name__ = f"{getattr(fn, '__name__', type(fn).__name__)}#{next(_programs)}"
+    return chex.assert_max_traces(program, n=1)
+
+
 def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> Callable:
     """Compiles `step_fn(state, batch, key) -> (state, metrics)` for data parallelism.
 
@@ -100,12 +123,13 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = 
     signature `step_fn(state, frozen, batch, key)` and the returned callable still takes
     `(state, batch, key)`: `frozen` is passed on every call as a separate, *non-donated*,
     replicated argument (never copied into the state, never written back).
+    The program may be traced once (`traced_once`): a call that would recompile it raises.
     """
     rep, dat = replicated(mesh), data_sharding(mesh)
     if frozen is None:
-        return jax.jit(step_fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
+        return jax.jit(traced_once(step_fn), in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
                        donate_argnums=(0,))
-    jitted = jax.jit(step_fn, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
+    jitted = jax.jit(traced_once(step_fn), in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
                      donate_argnums=(0,))
 
     def step(state, batch, key):
@@ -129,10 +153,11 @@ def jit_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
     """Compiles `eval_fn(state, batch) -> outputs`; outputs come back replicated.
 
     Replicated outputs can be read by every process (`np.asarray`), which is what a host-side
-    metric over the whole split needs, also with several hosts.
+    metric over the whole split needs, also with several hosts. Evaluation batches have one
+    size (the last one padded), so the program is traced once (`traced_once`).
     """
     rep, dat = replicated(mesh), data_sharding(mesh)
-    return jax.jit(eval_fn, in_shardings=(rep, dat), out_shardings=rep)
+    return jax.jit(traced_once(eval_fn), in_shardings=(rep, dat), out_shardings=rep)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -32,12 +32,37 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+class ModelState(flax.struct.PyTreeNode):
+    """A finished model to run in inference mode: params, batch_stats and the static `apply_fn`.
+
+    What the evaluation passes (`steps.eval_step`, `rosjax.train.validation`) read of a state,
+    without an optimiser; a `TrainState` serves them the same way.
+    """
+    params: Any              # model parameters
+    batch_stats: Any         # BatchNorm running statistics ({} for a model without BatchNorm)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, model: nn.Module, variables: dict[str, Any]) -> ModelState:
+        """The state of `model` with `variables` ({'params'} and, with BatchNorm, {'batch_stats'})."""
+        return cls(params=variables["params"], batch_stats=variables.get("batch_stats", {}), apply_fn=model.apply)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """{'params', 'batch_stats'}: what `module.apply` takes."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        sample_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
     """Initialises the model and optimiser directly on the mesh's devices, replicated.
 
-    Shapes first (`jax.eval_shape`, no computation), then shardings, then one jitted init with
-    `out_shardings`, so the arrays are born on the devices with their final sharding.
+    Shapes first (`jax.eval_shape`, no computation), then shardings, then jitted inits with
+    `out_shardings`, so the arrays are born on the devices with their final sharding. The model
+    and the optimiser are initialised by two programs: the model's (its random initialisers,
+    seconds to compile on a CPU) depends only on the architecture and the input shape, so every
+    run of one architecture shares it through the compilation cache, while the optimiser's
+    (zeros, plus constants such as the epoch length of `optim.scale_by_step_decay`) is tiny.
 
     Args:
       model: a linen module with `init(key, x, train=False)`.
@@ -46,14 +71,14 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
       sample_shape: shape of one input batch, e.g. (1, 32, 32, 3) (NHWC, float32).
       mesh: the data-parallel mesh (`parallel.make_mesh()`).
     """
-    def init(key):
-        variables = model.init({"params": key, "dropout": key},
-                               jnp.zeros(sample_shape, jnp.float32), train=False)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), apply_fn=model.apply, tx=tx)
+    def init_variables(key):
+        return model.init({"params": key, "dropout": key}, jnp.zeros(sample_shape, jnp.float32), train=False)
 
-    abstract = jax.eval_shape(init, key)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-    return jax.jit(init, out_shardings=shardings)(key)
+    def replicated_like(tree):
+        return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
+
+    variables = jax.jit(init_variables, out_shardings=replicated_like(jax.eval_shape(init_variables, key)))(key)
+    params = variables["params"]
+    opt_state = jax.jit(tx.init, out_shardings=replicated_like(jax.eval_shape(tx.init, params)))(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, apply_fn=model.apply, tx=tx)

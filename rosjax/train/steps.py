@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from rosjax import losses
-from rosjax.train.state import TrainState
+from rosjax.data import device_augment
+from rosjax.train.state import ModelState, TrainState
 
 
 def step_rng(run_key: jax.Array, step: jax.Array) -> jax.Array:
@@ -62,12 +63,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                multilabel: bool, class_weights=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One supervised SGD step on a batch {'image': [B,H,W,C], 'label': [B] or [B,C]}.
 
+    A shipped batch (uint8 image + 'view', `rosjax.data.device_augment`) is rendered first,
+    inside the step's program.
+
     `key` is the run key; the step folds in `state.step`. Returns the new state and scalar
     metrics: loss (CE or summed BCE, mean over the batch), accuracy, grad_norm.
     `class_weights`: optional host array [C] (`losses.class_weights`), a constant of the
     program; None (the default) is the unweighted loss.
     """
     rng = step_rng(key, state.step)
+    batch = device_augment.render(batch)
 
     def loss_fn(params):
         logits, batch_stats = forward_train(state, params, batch["image"], rng)
@@ -82,6 +87,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     return apply_gradients(state, grads, batch_stats), metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
-    """Logits [B, C] of the model in inference mode (BatchNorm running averages)."""
-    return state.apply_fn(state.variables, batch["image"], train=False)
+def eval_step(state: TrainState | ModelState, batch: dict[str, jax.Array]) -> jax.Array:
+    """Logits [B, C] of the model in inference mode (BatchNorm running averages); a shipped
+    batch is rendered first (`rosjax.data.device_augment.render`)."""
+    return state.apply_fn(state.variables, device_augment.render(batch)["image"], train=False)

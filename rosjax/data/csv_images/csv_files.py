@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rosjax.data.builder_utils import DataError, read_csv
+from rosjax.data.errors import DataError
+from rosjax.data.input_files import read_csv
 
 # The image file types the builder reads (loose or inside zip/tar archives).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")

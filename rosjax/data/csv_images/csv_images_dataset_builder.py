@@ -26,9 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rosjax.data import builder_utils
-from rosjax.data.builder_utils import DataError
+from rosjax.data import builder_utils, input_files, resizing
 from rosjax.data.csv_images.csv_files import IMAGE_SUFFIXES, CsvRecord, CsvTable, find_csv, options_hash, read_table
+from rosjax.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Builder(builder_utils.ResizedImageBuilder):
         table = read_table(pathlib.Path(c.csv_path), image_column=c.image_column,
                            label_columns=c.label_columns, label_separator=c.label_separator,
                            group_column=c.group_column)
-        found = builder_utils.index_files(root, IMAGE_SUFFIXES + _ARCHIVE_SUFFIXES)
+        found = input_files.index_files(root, IMAGE_SUFFIXES + _ARCHIVE_SUFFIXES)
         files = {name: paths[0] for name, paths in found.items() if not _is_archive(name)}
         members: dict[str, tuple[pathlib.Path, str]] = {}
         for name, paths in sorted(found.items()):
@@ -199,13 +199,13 @@ class Builder(builder_utils.ResizedImageBuilder):
                 with zipfile.ZipFile(path) as zf:
                     for info in zf.infolist():
                         if info.filename in wanted:
-                            yield (wanted[info.filename], builder_utils.read_zip_member(zf, info, path),
+                            yield (wanted[info.filename], input_files.read_zip_member(zf, info, path),
                                    f"{path}:{info.filename}")
             else:
                 with tarfile.open(path, mode="r|*") as tar:
                     for member in tar:
                         if member.isfile() and member.name in wanted:
-                            builder_utils.check_member_size(path, member.name, member.size)
+                            input_files.check_member_size(path, member.name, member.size)
                             yield wanted[member.name], tar.extractfile(member).read(), f"{path}:{member.name}"
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
             raise DataError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}).") from e
@@ -228,7 +228,7 @@ class Builder(builder_utils.ResizedImageBuilder):
             record, data, name = item
             return record, self._resize_or_skip(data, name, mode)
 
-        for r, jpeg in builder_utils.ordered_map(resize, items()):
+        for r, jpeg in resizing.ordered_map(resize, items()):
             if jpeg is None:
                 continue
             label = ({"labels": np.array(r.labels, np.uint8)} if table.multilabel

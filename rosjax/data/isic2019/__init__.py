@@ -8,6 +8,3 @@ from rosjax.data.isic2019.isic2019_dataset_builder import (
     METADATA_CSV,
     Builder,
 )
-
-__all__ = ["Builder", "CLASS_NAMES", "DEFAULT_IMAGE_SIZE", "GROUND_TRUTH_CSV", "IMAGE_SIZES",
-           "IMAGES_ZIP", "IsicRecord", "METADATA_CSV", "read_records"]

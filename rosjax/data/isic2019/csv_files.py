@@ -16,7 +16,8 @@ import logging
 import math
 import pathlib
 
-from rosjax.data.builder_utils import DataError, UnknownValues, read_csv
+from rosjax.data.errors import DataError
+from rosjax.data.input_files import UnknownValues, read_csv
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rosjax.data import builder_utils
-from rosjax.data.builder_utils import DataError
+from rosjax.data import builder_utils, downloads, input_files, resizing
+from rosjax.data.errors import DataError
 from rosjax.data.isic2019.csv_files import CLASS_NAMES, IsicRecord, read_records
 
 IMAGES_ZIP = "ISIC_2019_Training_Input.zip"
@@ -87,7 +87,7 @@ class Builder(builder_utils.ResizedImageBuilder):
 
     def _split_generators(self, dl_manager):
         root = self.manual_root
-        found = builder_utils.index_files(root, (".jpg", ".jpeg", ".csv", ".zip"))
+        found = input_files.index_files(root, (".jpg", ".jpeg", ".csv", ".zip"))
         if not self._allow_download:
             missing = [n for n in (IMAGES_ZIP, GROUND_TRUTH_CSV, METADATA_CSV) if n not in found]
             if IMAGES_ZIP in missing and any(n.lower().endswith((".jpg", ".jpeg"))
@@ -116,7 +116,7 @@ class Builder(builder_utils.ResizedImageBuilder):
             return found[filename][0]
         if not self._allow_download:
             raise self.missing_inputs_error([filename])
-        return builder_utils.download_first(
+        return downloads.download_first(
             dl_manager, filename, [host + filename for host in HOSTS],
             hint=f"Offline, put {filename} in the manual directory {self.manual_root} "
                  "(any sub-folder works).")
@@ -149,7 +149,7 @@ class Builder(builder_utils.ResizedImageBuilder):
                     seen.add(stem)
                     name = f"{zip_path}:{info.filename}"
                     try:
-                        data = builder_utils.read_zip_member(zf, info, zip_path)
+                        data = input_files.read_zip_member(zf, info, zip_path)
                     except (zipfile.BadZipFile, zlib.error, OSError) as e:
                         raise DataError(f"{name} cannot be read from the zip ({e}); the zip is "
                                         "damaged, delete it and download it again.") from e
@@ -159,7 +159,7 @@ class Builder(builder_utils.ResizedImageBuilder):
             record, data, name = item
             return record, self._resize_or_skip(data, name, "RGB")
 
-        for r, jpeg in builder_utils.ordered_map(resize, from_files() if zip_path is None
+        for r, jpeg in resizing.ordered_map(resize, from_files() if zip_path is None
                                                  else from_zip()):
             if jpeg is None:
                 continue

@@ -19,8 +19,3 @@ from rosjax.data.nih_chestxray14.nih_chestxray14_dataset_builder import (
     Builder,
     archive_of,
 )
-
-__all__ = ["ARCHIVES", "Archive", "Builder", "CHESTXRAY8_LABELS", "DEFAULT_IMAGE_SIZE",
-           "IMAGE_SIZES", "LABEL_CSV_NAMES", "LABEL_NAMES", "NO_FINDING", "NihRecord",
-           "TEST_LIST", "TRAIN_VAL_LIST", "archive_of", "multi_hot", "read_image_list",
-           "read_label_csv"]

@@ -24,7 +24,8 @@ import re
 
 import numpy as np
 
-from rosjax.data.builder_utils import DataError, UnknownValues, decode_text, read_csv
+from rosjax.data.errors import DataError
+from rosjax.data.input_files import UnknownValues, decode_text, read_csv
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rosjax.data import builder_utils
-from rosjax.data.builder_utils import DataError
+from rosjax.data import builder_utils, downloads, input_files, resizing
+from rosjax.data.errors import DataError
 from rosjax.data.nih_chestxray14.csv_files import (
     LABEL_CSV_NAMES,
     LABEL_NAMES,
@@ -96,19 +96,19 @@ def _archive_members(path: pathlib.Path, wanted: Callable[[str], bool]
 
     Tar archives are streamed (no index, no extraction to disk); zip archives are read by
     member. A damaged archive is a DataError naming it, and so is a wanted member above
-    builder_utils.MAX_MEMBER_BYTES (refused by its size in the header, before reading it).
+    input_files.MAX_MEMBER_BYTES (refused by its size in the header, before reading it).
     """
     try:
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     if not info.is_dir() and wanted(info.filename.rsplit("/", 1)[-1]):
-                        yield info.filename, builder_utils.read_zip_member(zf, info, path)
+                        yield info.filename, input_files.read_zip_member(zf, info, path)
         else:
             with tarfile.open(path, mode="r|*") as tar:
                 for member in tar:
                     if member.isfile() and wanted(member.name.rsplit("/", 1)[-1]):
-                        builder_utils.check_member_size(path, member.name, member.size)
+                        input_files.check_member_size(path, member.name, member.size)
                         yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise DataError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}); delete "
@@ -163,7 +163,7 @@ class Builder(builder_utils.ResizedImageBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        found = builder_utils.index_files(
+        found = input_files.index_files(
             self.manual_root, (".png", ".csv", ".txt", ".gz", ".tgz", ".zip"))
         csv_path = next((found[n][0] for n in LABEL_CSV_NAMES if n in found), None)
         if csv_path is None:
@@ -222,10 +222,10 @@ class Builder(builder_utils.ResizedImageBuilder):
     def _download_archives(self, dl_manager) -> list[pathlib.Path]:
         hint = (f"Offline, put images_001.tar.gz ... images_012.tar.gz (or the extracted "
                 f"images/ folder) from {BOX_FOLDER} in {self.manual_root}.")
-        if (reason := builder_utils.unreachable(ARCHIVES[0].url)) is not None:
+        if (reason := downloads.unreachable(ARCHIVES[0].url)) is not None:
             raise DataError(f"Could not download the NIH image archives: {reason}. {hint}")
         try:
-            with builder_utils.few_download_retries():
+            with downloads.few_download_retries():
                 paths = dl_manager.download({a.name: a.url for a in ARCHIVES})
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
             raise DataError(f"Could not download the NIH image archives "
@@ -260,7 +260,7 @@ class Builder(builder_utils.ResizedImageBuilder):
             record, data, name = item
             return record, self._resize_or_skip(data, name, "L")
 
-        for r, jpeg in builder_utils.ordered_map(resize, items()):
+        for r, jpeg in resizing.ordered_map(resize, items()):
             if jpeg is None:
                 continue
             yield r.image_id, {

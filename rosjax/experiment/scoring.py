@@ -24,8 +24,8 @@ from rosjax.experiment import data as data_lib
 from rosjax.experiment import settings as settings_lib
 from rosjax.experiment.workdir import Workdir, read_json, write_json
 from rosjax.progress import bar
-from rosjax.train import evaluate as evaluate_lib
-from rosjax.train import loop
+from rosjax.train import loop, validation
+from rosjax.train.state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def predict_split(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentD
         with np.load(path) as stored:
             return {k: stored[k] for k in stored.files}
     model, variables, _ = artifacts.load_setting(wd.root, name)
-    predict = evaluate_lib.make_predict(mesh, multilabel=data.multilabel)
-    out = predict(artifacts.inference_state(model, variables), data_lib.eval_batches(data, cfg, data.splits[split]))
+    predict = validation.make_predict(mesh, multilabel=data.multilabel)
+    out = predict(ModelState.of(model, variables), data_lib.eval_batches(data, cfg, data.splits[split]))
     buffer = io.BytesIO()
     np.savez(buffer, **out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,8 @@ def robustness(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData
             apply_fn = functools.partial(model.apply, train=False)
             rows = _attack_rows(cfg, data)
             with bar(math.ceil(len(rows) / cfg.data.eval_batch_size), f"{method.upper()} on {name}") as progress:
-                batches = (progress.update(1) or batch for batch in data_lib.eval_batches(data, cfg, rows))
+                pixels = data_lib.eval_batches(data, cfg, rows, rendered=True)  # [0, 1] images to attack
+                batches = (progress.update(1) or batch for batch in pixels)
                 y, clean, adv = attacks.evaluate_under_attack(apply_fn, variables, batches, attack,
                                                               jax.random.key(cfg.seed), multilabel=data.multilabel)
             score = functools.partial(metrics.classification_metrics, multilabel=data.multilabel,
@@ -164,7 +165,7 @@ def landscapes(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData
     e = cfg.evaluation
     log.info("evaluate: loss landscapes (%d x %d grid) of %s", e.landscape_grid, e.landscape_grid, ", ".join(names))
     rows = data.splits["test"][:e.landscape_examples]
-    batches = data_lib.eval_batches(data, cfg, rows, batch_size=len(rows))
+    batches = data_lib.eval_batches(data, cfg, rows, batch_size=len(rows), rendered=True)
     batch = next(iter(batches))
     images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
     coords = np.linspace(-1.0, 1.0, e.landscape_grid)
