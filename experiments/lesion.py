@@ -39,56 +39,45 @@ def get_config(smoke: bool = False) -> C.ExperimentConfig:
     return smoke_variant(cfg) if smoke else cfg
 
 
-# The lesion smoke's data: generated sample files in the ISIC layout, 40 images per class (the
-# bundled 15 per class leave each teacher about 5 images of a class: too few to learn it).
-SMOKE_PER_CLASS = 40
-
-
 def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
-    """Sample files, 32-px crops, a few epochs; every stage and setting still runs.
+    """Bundled sample files, 32-px crops, a few epochs; every stage and setting still runs.
 
-    ISIC: 320 generated images (`rosjax.data.make_samples`, written once under
-    ~/.cache/rosjax/samples), enough for every teacher and student to learn the class each
-    image shows; NIH: the bundled sample files; csv_images: the user's --data.manual_dir.
     A 2-core CPU spends a smoke run compiling XLA programs, one per architecture and step, so
     the smoke swaps the paper's DenseNet-121 (a third of all compile time: its train step alone
     takes 1.5 minutes) for `densenet21`, the same DenseNet code with two layers per dense block,
     and sweeps the student over ResNet-18/34, whose programs the teachers already compiled.
     """
     from rosjax.data.datasets import sample_dir  # noqa: PLC0415
-    from rosjax.data.make_samples import generated_sample_dir  # noqa: PLC0415
 
-    if cfg.data.dataset == "isic2019":
-        manual_dir = str(generated_sample_dir("isic2019", SMOKE_PER_CLASS))
-        data_dir = f"~/.cache/rosjax/tensorflow_datasets/samples-{SMOKE_PER_CLASS}"
-        low_overlap = 0.0  # disjoint subsets of the 224 training images: 44 or 45 each
-    else:  # csv_images has no samples: the smoke run keeps the user's --data.manual_dir
-        manual_dir = cfg.data.manual_dir if cfg.data.dataset == "csv_images" else str(sample_dir(cfg.data.dataset))
-        data_dir = "~/.cache/rosjax/tensorflow_datasets"
-        low_overlap = 0.2  # not 0: disjoint subsets of NIH's ~77 sample training images hold < 16 each
     teachers = tuple("densenet21" if a == "densenet121" else a for a in cfg.teachers.architectures)
     single = "densenet21" if cfg.teachers.single_teacher == "densenet121" else cfg.teachers.single_teacher
     return dataclasses.replace(
         cfg,
         smoke=True,
-        data=dataclasses.replace(cfg.data, manual_dir=manual_dir, data_dir=data_dir, stored_size=64,
+        # csv_images has no bundled samples: the smoke run keeps the user's --data.manual_dir.
+        data=dataclasses.replace(cfg.data,
+                                 manual_dir=(cfg.data.manual_dir if cfg.data.dataset == "csv_images"
+                                             else str(sample_dir(cfg.data.dataset))),
+                                 data_dir="~/.cache/rosjax/tensorflow_datasets", stored_size=64,
                                  image_size=32, eval_batch_size=32),
         teachers=dataclasses.replace(cfg.teachers, architectures=teachers, single_teacher=single),
-        optim=dataclasses.replace(cfg.optim, epochs=8, batch_size=16, learning_rate=0.05, milestones=(6,)),
+        optim=dataclasses.replace(cfg.optim, epochs=3, batch_size=16, learning_rate=0.05, milestones=(2,)),
         # Cached teacher outputs with one stored view per epoch replay exactly the online run's
         # batches and teacher logits (tests/test_experiment.py checks it), and the students'
         # programs then compile without five teacher networks inside: most of a CPU smoke run.
-        distill=dataclasses.replace(cfg.distill, warmup_epochs=4, recalibration_batches=4, rl_equal_epochs=4,
-                                    teacher_outputs="cached", cache_views=8, cache_batch_size=32),
+        distill=dataclasses.replace(cfg.distill, warmup_epochs=1, recalibration_batches=4, rl_equal_epochs=2,
+                                    teacher_outputs="cached", cache_views=3, cache_batch_size=32),
         evaluation=dataclasses.replace(cfg.evaluation, pgd_steps=3, landscape_grid=5, landscape_examples=16,
                                        attack_examples=32),
-        # One extra point per sweep (the main run is the other); folds (NIH): two split seeds.
-        sweeps=dataclasses.replace(cfg.sweeps, overlaps=(low_overlap, cfg.teachers.overlap),
+        # One extra point per sweep (the main run is the other); folds: two split seeds. Overlap
+        # 0.2, not 0: disjoint subsets of the ~77 sample training images hold 15 or 16 each,
+        # fewer than a batch of 16.
+        sweeps=dataclasses.replace(cfg.sweeps, overlaps=(0.2, cfg.teachers.overlap),
                                    students=("resnet18", "resnet34"), fold_student=cfg.distill.student,
                                    normalizations=("none", "sum1"), per_example_normalizations=(),
                                    fold_seeds=(0, 1)),
-        checkpoint_every_steps=1000,
-        log_every_steps=4,
+        checkpoint_every_steps=4,
+        log_every_steps=2,
     )
 
 
