@@ -169,3 +169,35 @@ def test_paper_literal_kd_gradient_is_weight_sum_times_the_default():
     # The default's gradient norm is a convex mix of the teachers': within the range of baseline
     # III's scale, while the paper's is on average K times larger.
     assert np.mean(sum1) < 1.5 * equal[0] and np.mean(none) > 3.0 * equal[0]
+
+
+@pytest.mark.parametrize("kind", ["exponential", "equal"])
+@pytest.mark.parametrize("normalize", ["none", "sum1", "sumk"])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_weight_rule_gives_the_schemes_weights_bit_for_bit(kind, normalize, per_example):
+    """The traced rule (one compiled step for every scheme) draws exactly `teacher_weights`' weights."""
+    key = jax.random.key(7)
+    expected = teacher_weights(kind, key, 5, per_example=per_example, batch_size=4, normalize=normalize)
+    rule = weight_rule(kind, 5, normalize=normalize)
+    got = jax.jit(lambda r, k: weighting.rule_weights(r, k, 5, per_example=per_example, batch_size=4))(rule, key)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_every_weight_rule_runs_in_one_compiled_distillation_step():
+    """Baseline III's equal weights and RoS-KD's draws: one program (the rule is an argument)."""
+    k, b, c = 3, 4, 5
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.random((b, 8, 8, 3), dtype=np.float32)),
+             "label": jnp.asarray(rng.integers(0, c, b).astype(np.int32)),
+             "teacher_logits": jnp.asarray(rng.normal(size=(k, b, c)).astype(np.float32))}
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
+    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    step = jax.jit(make_distill_step((None,) * k, tau=0.5, alpha=0.9, multilabel=False))
+    sums = {}
+    for kind, normalize in (("equal", "sum1"), ("exponential", "sum1"), ("exponential", "none")):
+        inputs = DistillInputs(teachers=(), rule=weight_rule(kind, k, normalize=normalize))
+        sums[kind, normalize] = float(step(state, inputs, batch, jax.random.key(1))[1]["weight_sum"])
+    assert step._cache_size() == 1
+    assert sums["equal", "sum1"] == pytest.approx(1.0) and sums["exponential", "sum1"] == pytest.approx(1.0)
+    assert sums["exponential", "none"] != pytest.approx(1.0)  # unnormalised Exp(1) draws
