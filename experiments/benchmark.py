@@ -45,7 +45,7 @@ from experiments import benchmark_data
 from experiments import flops as flops_lib
 from rosjax import models
 from rosjax.config import PAPER_TEACHERS, OptimConfig
-from rosjax.data import pipeline
+from rosjax.data import views as views_lib
 from rosjax.distill import cache as cache_lib
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.distill.weighting import weight_rule
@@ -317,7 +317,7 @@ def measure_cache(dtype: str, args, mesh, directory: pathlib.Path) -> dict[str, 
     source = jpeg_source(args, len(rows))
     build = functools.partial(cache_lib.build_teacher_cache, teachers, source,
                               image_size=args.image_size,
-                              augment=pipeline.AugmentConfig.dermoscopy(), num_views=1, seed=0,
+                              augment=views_lib.AugmentConfig.dermoscopy(), num_views=1, seed=0,
                               batch_size=args.batch_size, mesh=mesh)
     start = time.perf_counter()
     build(rows[:args.batch_size], directory=directory / "first")

@@ -32,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 from rosjax.data import pipeline
+from rosjax.data import views as views_lib
 
-AUGMENTS = {"dermoscopy": pipeline.AugmentConfig.dermoscopy,
-            "chest_xray": pipeline.AugmentConfig.chest_xray}
+AUGMENTS = {"dermoscopy": views_lib.AugmentConfig.dermoscopy,
+            "chest_xray": views_lib.AugmentConfig.chest_xray}
 
 
 def decode_pil(jpeg: bytes) -> np.ndarray:

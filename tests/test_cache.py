@@ -10,6 +10,7 @@ import pytest
 
 from rosjax import models
 from rosjax.data import device_augment, pipeline
+from rosjax.data import views as views_lib
 from rosjax.distill import cache
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.distill.weighting import weight_rule
@@ -19,7 +20,7 @@ from rosjax.train.state import TrainState
 SIZE, CLASSES, BATCH, VIEWS, SEED = 16, 3, 8, 2, 5
 STORED = (24, 26)  # holds every image of images(): device batches are padded to it
 ROWS = np.arange(2, 18)  # 16 of the 20 source rows: 2 batches per epoch
-AUGMENT = pipeline.AugmentConfig.dermoscopy()  # crop, both flips, rotation, colour jitter
+AUGMENT = views_lib.AugmentConfig.dermoscopy()  # crop, both flips, rotation, colour jitter
 MODEL = models.create("tiny_cnn", CLASSES)
 MODEL_BF16 = models.create("tiny_cnn", CLASSES, dtype=jnp.bfloat16)
 
@@ -88,27 +89,27 @@ def test_apply_view_matches_numpy_reference():
     image = images(1, seed=3)[0]["image"][:20, :24]  # [20, 24, 3]
     x = image.astype(np.float64) / 255
     crop = x[2:18, 3:19]  # box (3, 2, 19, 18) at its own size: no resampling
-    view = pipeline.AugmentView(box=(3, 2, 19, 18))
-    np.testing.assert_allclose(pipeline.apply_view(image, view, SIZE), crop, atol=1e-6)
-    flipped = pipeline.AugmentView(box=(3, 2, 19, 18), horizontal_flip=True, vertical_flip=True)
-    np.testing.assert_allclose(pipeline.apply_view(image, flipped, SIZE), crop[::-1, ::-1],
+    view = views_lib.AugmentView(box=(3, 2, 19, 18))
+    np.testing.assert_allclose(views_lib.apply_view(image, view, SIZE), crop, atol=1e-6)
+    flipped = views_lib.AugmentView(box=(3, 2, 19, 18), horizontal_flip=True, vertical_flip=True)
+    np.testing.assert_allclose(views_lib.apply_view(image, flipped, SIZE), crop[::-1, ::-1],
                                atol=1e-6)
-    bright = pipeline.AugmentView(box=(3, 2, 19, 18), brightness=1.5)
-    np.testing.assert_allclose(pipeline.apply_view(image, bright, SIZE),
+    bright = views_lib.AugmentView(box=(3, 2, 19, 18), brightness=1.5)
+    np.testing.assert_allclose(views_lib.apply_view(image, bright, SIZE),
                                np.clip(crop * 1.5, 0, 1), atol=1e-6)
-    contrast = pipeline.AugmentView(box=(3, 2, 19, 18), contrast=0.5)
+    contrast = views_lib.AugmentView(box=(3, 2, 19, 18), contrast=0.5)
     grey = (crop @ np.array([0.299, 0.587, 0.114])).mean()
-    np.testing.assert_allclose(pipeline.apply_view(image, contrast, SIZE),
+    np.testing.assert_allclose(views_lib.apply_view(image, contrast, SIZE),
                                np.clip(grey + (crop - grey) * 0.5, 0, 1), atol=1e-5)
     with pytest.raises(ValueError, match="does not fit an image of 20x24"):
-        pipeline.apply_view(image, pipeline.AugmentView(box=(0, 0, 25, 10)), SIZE)
+        views_lib.apply_view(image, views_lib.AugmentView(box=(0, 0, 25, 10)), SIZE)
 
 
 def test_view_records_round_trip():
-    full = pipeline.AugmentView(box=(1, 2, 30, 40), horizontal_flip=True, vertical_flip=False,
+    full = views_lib.AugmentView(box=(1, 2, 30, 40), horizontal_flip=True, vertical_flip=False,
                                 angle=-12.345678901234, brightness=float(np.float32(0.81)),
                                 contrast=float(np.float32(1.13)), saturation=None)
-    plain = pipeline.AugmentView(box=(0, 0, 5, 6))
+    plain = views_lib.AugmentView(box=(0, 0, 5, 6))
     for view in (full, plain):
         assert cache.unpack_view(cache.pack_view(view)) == view
 

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from rosjax import models
-from rosjax.data import device_augment, pipeline
+from rosjax.data import device_augment
+from rosjax.data import views as views_lib
 from rosjax.train import parallel, steps
 from rosjax.train.state import TrainState
 
@@ -41,23 +42,23 @@ def smooth_images(n, channels, seed):
 
 
 def ship(images, views, size):
-    return pipeline.image_batch(images, views, list(range(len(images))), image_size=size,
+    return views_lib.image_batch(images, views, list(range(len(images))), image_size=size,
                                 channels=images[0].shape[2], augment_on="device",
                                 stored_shape=STORED)
 
 
 def host_reference(images, views, size):
-    return np.stack([pipeline.apply_view(image, view, size) for image, view in zip(images, views)])
+    return np.stack([views_lib.apply_view(image, view, size) for image, view in zip(images, views)])
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-@pytest.mark.parametrize("augment", [pipeline.AugmentConfig.dermoscopy(),
-                                     pipeline.AugmentConfig.chest_xray(),
-                                     pipeline.AugmentConfig(crop_scale=(0.08, 1.0))],
+@pytest.mark.parametrize("augment", [views_lib.AugmentConfig.dermoscopy(),
+                                     views_lib.AugmentConfig.chest_xray(),
+                                     views_lib.AugmentConfig(crop_scale=(0.08, 1.0))],
                          ids=["dermoscopy", "chest_xray", "torchvision"])
 def test_training_views_match_the_host_reference(augment, channels):
     images = smooth_images(24, channels, seed=channels)
-    views = [pipeline.draw_view(*image.shape, augment, np.random.default_rng([3, 0, row]))
+    views = [views_lib.draw_view(*image.shape, augment, np.random.default_rng([3, 0, row]))
              for row, image in enumerate(images)]
     size = 32  # down- and upscaled crops: stored sides 24..56, crops 8%..100%
     got = np.asarray(device_augment.rendered(ship(images, views, size))["image"])
@@ -71,9 +72,9 @@ def test_training_views_match_the_host_reference(augment, channels):
 def test_evaluation_centre_crop_matches_the_host_reference():
     images = smooth_images(16, 3, seed=7)
     for size in (16, 40):  # downscale and upscale of the fractional centre box
-        views = [pipeline.center_view(*image.shape[:2], size) for image in images]
+        views = [views_lib.center_view(*image.shape[:2], size) for image in images]
         got = np.asarray(device_augment.rendered(ship(images, views, size))["image"])
-        want = np.stack([pipeline.center_crop(image, size) for image in images])
+        want = np.stack([views_lib.center_crop(image, size) for image in images])
         error = np.abs(got - want)
         assert error.max() <= 1.5 / 255 and error.mean() <= MEAN_ERROR
 
@@ -83,11 +84,11 @@ def test_crops_flips_and_jitter_against_numpy():
     scales it (no rounding anywhere), a 180-degree turn of the whole image reverses both axes."""
     image = np.random.default_rng(4).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     crop = image[5:25, 7:27].astype(np.float32) / 255  # box (7, 5, 27, 25) at 20 px
-    views = [pipeline.AugmentView(box=(7, 5, 27, 25)),
-             pipeline.AugmentView(box=(7, 5, 27, 25), horizontal_flip=True),
-             pipeline.AugmentView(box=(7, 5, 27, 25), vertical_flip=True, brightness=0.5),
-             pipeline.AugmentView(box=(7, 5, 27, 25), angle=180.0)]
-    batch = pipeline.image_batch([image] * 4, views, [0] * 4, image_size=20, channels=3,
+    views = [views_lib.AugmentView(box=(7, 5, 27, 25)),
+             views_lib.AugmentView(box=(7, 5, 27, 25), horizontal_flip=True),
+             views_lib.AugmentView(box=(7, 5, 27, 25), vertical_flip=True, brightness=0.5),
+             views_lib.AugmentView(box=(7, 5, 27, 25), angle=180.0)]
+    batch = views_lib.image_batch([image] * 4, views, [0] * 4, image_size=20, channels=3,
                                  augment_on="device", stored_shape=(30, 40))
     got = np.asarray(device_augment.rendered(batch)["image"])
     np.testing.assert_allclose(got[0], crop, atol=1e-6)
@@ -103,7 +104,7 @@ def test_batches_without_views_pass_through():
     assert out.keys() == batch.keys() and out["image"] is batch["image"]
     with pytest.raises(ValueError, match="uint8"):
         device_augment.render_images(jnp.zeros((1, 4, 4, 3)), ship(
-            smooth_images(1, 3, 0), [pipeline.AugmentView(box=(0, 0, 4, 4))], 4)["view"])
+            smooth_images(1, 3, 0), [views_lib.AugmentView(box=(0, 0, 4, 4))], 4)["view"])
 
 
 # ----------------------------------------------------------------------- 1 vs 4 devices
@@ -114,7 +115,7 @@ def test_one_and_four_devices_render_and_train_alike():
     that renders inside its program matches the step fed the host-rendered floats."""
     assert jax.device_count() >= 4, "tests/conftest.py sets 4 CPU devices"
     images = smooth_images(8, 3, seed=5)
-    views = [pipeline.draw_view(*image.shape, pipeline.AugmentConfig.dermoscopy(),
+    views = [views_lib.draw_view(*image.shape, views_lib.AugmentConfig.dermoscopy(),
                                 np.random.default_rng([1, 0, row])) for row, image in enumerate(images)]
     shipped = dict(ship(images, views, 16), label=np.arange(8, dtype=np.int32) % 3)
     one, four = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])

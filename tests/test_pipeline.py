@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from rosjax.data import device_augment, pipeline
+from rosjax.data import views as views_lib
 
 SIZE = 32  # output side of every test image
 STORED = (40, 48)  # a stored shape that holds every test image below
-BOTH = pytest.mark.parametrize("augment_on", pipeline.AUGMENT_ON)
+BOTH = pytest.mark.parametrize("augment_on", views_lib.AUGMENT_ON)
 
 
 def constant_source(n, channels=3):
@@ -42,13 +43,13 @@ def assert_batches_equal(a, b):
             jax.tree.map(np.testing.assert_array_equal, x[key], y[key])
 
 
-CROP_AND_FLIP = pipeline.AugmentConfig(crop_scale=(0.5, 1.0), horizontal_flip=True,
+CROP_AND_FLIP = views_lib.AugmentConfig(crop_scale=(0.5, 1.0), horizontal_flip=True,
                                        vertical_flip=True)
 
 
 @BOTH
 @pytest.mark.parametrize("channels, augment", [
-    (3, pipeline.AugmentConfig.dermoscopy()), (1, pipeline.AugmentConfig.chest_xray())])
+    (3, views_lib.AugmentConfig.dermoscopy()), (1, views_lib.AugmentConfig.chest_xray())])
 def test_train_batch_shapes_dtypes_range(channels, augment, augment_on):
     source = random_source(40, channels)
     multi_hot = (np.random.default_rng(1).random((40, 6)) < 0.3).astype(np.uint8)
@@ -102,7 +103,7 @@ def test_epochs_shuffle_and_drop_remainder():
 
 def test_train_deterministic_for_seed():
     source, labels = random_source(30), np.arange(30) % 3
-    kwargs = dict(image_size=SIZE, batch_size=6, augment=pipeline.AugmentConfig.dermoscopy())
+    kwargs = dict(image_size=SIZE, batch_size=6, augment=views_lib.AugmentConfig.dermoscopy())
     a = take(pipeline.train_iterator(source, np.arange(30), labels, seed=5, **kwargs), 7)
     b = take(pipeline.train_iterator(source, np.arange(30), labels, seed=5, **kwargs), 7)
     c = take(pipeline.train_iterator(source, np.arange(30), labels, seed=6, **kwargs), 7)
@@ -113,7 +114,7 @@ def test_train_deterministic_for_seed():
 
 def test_host_shards_compose_the_global_batch():
     source, labels = random_source(36), np.arange(36) % 4
-    kwargs = dict(image_size=SIZE, batch_size=8, seed=7, augment=pipeline.AugmentConfig.dermoscopy())
+    kwargs = dict(image_size=SIZE, batch_size=8, seed=7, augment=views_lib.AugmentConfig.dermoscopy())
     whole = take(pipeline.train_iterator(source, np.arange(36), labels, shard_index=0,
                                          shard_count=1, **kwargs), 6)
     hosts = [take(pipeline.train_iterator(source, np.arange(36), labels, shard_index=h,
@@ -126,7 +127,7 @@ def test_host_shards_compose_the_global_batch():
 
 def test_resume_from_iterator_state():
     source, labels = random_source(40), np.arange(40) % 5
-    kwargs = dict(image_size=SIZE, batch_size=8, seed=8, augment=pipeline.AugmentConfig.dermoscopy())
+    kwargs = dict(image_size=SIZE, batch_size=8, seed=8, augment=views_lib.AugmentConfig.dermoscopy())
     first = pipeline.train_iterator(source, np.arange(40), labels, **kwargs)
     take(first, 3)
     state = first.get_state()
@@ -138,7 +139,7 @@ def test_resume_from_iterator_state():
 
 def test_worker_process_gives_the_in_process_batches():
     source, labels = random_source(24), np.arange(24) % 2
-    kwargs = dict(image_size=SIZE, batch_size=4, seed=9, augment=pipeline.AugmentConfig.dermoscopy())
+    kwargs = dict(image_size=SIZE, batch_size=4, seed=9, augment=views_lib.AugmentConfig.dermoscopy())
     expected = take(pipeline.train_iterator(source, np.arange(24), labels, **kwargs), 3)
     iterator = pipeline.train_iterator(source, np.arange(24), labels, num_workers=1, **kwargs)
     try:
@@ -153,11 +154,11 @@ def test_worker_process_gives_the_in_process_batches():
 
 def test_flips_only_mirror_the_image():
     image = np.random.default_rng(10).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    config = pipeline.AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+    config = views_lib.AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                                     horizontal_flip=True, vertical_flip=False)
     seen = set()
     for seed in range(40):
-        out = np.round(pipeline.augment_image(image, SIZE, config,
+        out = np.round(views_lib.augment_image(image, SIZE, config,
                                               np.random.default_rng(seed)) * 255).astype(np.uint8)
         if np.array_equal(out, image):
             seen.add("same")
@@ -170,11 +171,11 @@ def test_flips_only_mirror_the_image():
 
 def test_rotation_keeps_centre_and_blackens_corners():
     white = np.full((SIZE, SIZE, 1), 255, np.uint8)
-    config = pipeline.AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+    config = views_lib.AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                                     horizontal_flip=False, rotation_degrees=30.0)
     corners = []
     for seed in range(20):
-        out = pipeline.augment_image(white, SIZE, config, np.random.default_rng(seed))
+        out = views_lib.augment_image(white, SIZE, config, np.random.default_rng(seed))
         assert out[SIZE // 2, SIZE // 2, 0] == pytest.approx(1.0)
         corners.append(out[0, 0, 0])
     assert min(corners) < 0.5  # some rotation turned a corner black
@@ -186,12 +187,12 @@ def test_colour_jitter_bounds():
     values = []
     for seed in range(30):
         rng = np.random.default_rng(seed)
-        out = pipeline.augment_image(grey, SIZE, pipeline.AugmentConfig(brightness=0.2, **base), rng)
+        out = views_lib.augment_image(grey, SIZE, views_lib.AugmentConfig(brightness=0.2, **base), rng)
         assert np.ptp(out) == 0  # brightness scales every pixel alike
         values.append(out[0, 0, 0])
         # A flat grey image has no contrast and no saturation to change.
         for name in ("contrast", "saturation"):
-            same = pipeline.augment_image(grey, SIZE, pipeline.AugmentConfig(**{name: 0.5}, **base), rng)
+            same = views_lib.augment_image(grey, SIZE, views_lib.AugmentConfig(**{name: 0.5}, **base), rng)
             np.testing.assert_allclose(same, 100 / 255, atol=1e-6)
     assert 100 / 255 * 0.8 - 1e-6 <= min(values) < max(values) <= 100 / 255 * 1.2 + 1e-6
 
@@ -205,13 +206,13 @@ def test_center_crop_matches_resize_then_crop_reference():
     resized = np.asarray(Image.fromarray(image).resize((49, 37), Image.BILINEAR))
     top, left = round((37 - SIZE) / 2), round((49 - SIZE) / 2)
     reference = resized[top:top + SIZE, left:left + SIZE] / 255
-    np.testing.assert_allclose(pipeline.center_crop(image, SIZE), reference, atol=0.03)
+    np.testing.assert_allclose(views_lib.center_crop(image, SIZE), reference, atol=0.03)
 
 
 def test_center_crop_keeps_the_middle_of_a_wide_image():
     image = np.zeros((40, 120, 3), np.uint8)
     image[:, 40:80] = 255  # the central 40 x 40 square is white, the sides black
-    np.testing.assert_allclose(pipeline.center_crop(image, SIZE), 1.0, atol=1e-6)
+    np.testing.assert_allclose(views_lib.center_crop(image, SIZE), 1.0, atol=1e-6)
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -264,9 +265,9 @@ def test_pipeline_rejects_bad_input():
         next(pipeline.eval_batches(bad, np.array([10]), np.zeros(11, int), image_size=SIZE,
                                    batch_size=1))
     with pytest.raises(ValueError, match="crop_scale"):
-        pipeline.AugmentConfig(crop_scale=(0.0, 1.0))
+        views_lib.AugmentConfig(crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="rotation_degrees"):
-        pipeline.AugmentConfig(rotation_degrees=-5)
+        views_lib.AugmentConfig(rotation_degrees=-5)
     with pytest.raises(ValueError, match="augment_on='gpu'"):
         pipeline.train_dataset(source, np.arange(10), np.zeros(10, int), batch_size=2,
                                augment_on="gpu", **kwargs)

@@ -6,7 +6,7 @@ from rosjax.data import csv_images, isic2019, nih_chestxray14
 from rosjax.data.datasets import DATASETS, PreparedDataset, prepare, sample_dir
 from rosjax.data.errors import CorruptImageError, DataError
 from rosjax.data.noise import MODES, NoisyLabels, add_label_noise
-from rosjax.data.pipeline import AugmentConfig, eval_batches, train_dataset, train_iterator
+from rosjax.data.pipeline import eval_batches, train_dataset, train_iterator
 from rosjax.data.splits import (
                                 fold_seeds,
                                 grouped_split,
@@ -15,6 +15,7 @@ from rosjax.data.splits import (
                                 shared_groups,
                                 split_summary,
 )
+from rosjax.data.views import AugmentConfig
 
 __all__ = ["AugmentConfig", "CorruptImageError", "DATASETS", "csv_images", "DataError", "MODES", "NoisyLabels",
            "PreparedDataset", "add_label_noise", "eval_batches", "fold_seeds", "grouped_split",

@@ -7,7 +7,7 @@ factors; `rosjax.data.pipeline` draws them from `default_rng([seed, epoch, row])
 its host path does). The steps call `render(batch)` first, which replaces the uint8 image by
 float32 [B, S, S, C] in [0, 1]; a batch without a 'view' passes through unchanged.
 
-`render_images` reproduces the host reference `pipeline.apply_view` (PIL) step for step,
+`render_images` reproduces the host reference `rosjax.data.views.apply_view` (PIL) step for step,
 because a view must look the same wherever it is rendered (host fallback, cached teacher
 outputs, evaluation):
 

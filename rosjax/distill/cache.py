@@ -56,6 +56,7 @@ import numpy as np
 
 from rosjax import atomic
 from rosjax.data import device_augment, pipeline
+from rosjax.data import views as views_lib
 from rosjax.distill import steps as distill_steps
 from rosjax.progress import bar
 from rosjax.train import parallel
@@ -73,7 +74,7 @@ VIEW_DTYPE = np.dtype([("box", "<i4", (4,)),        # left, top, right, bottom (
                        ("jitter", "<f4", (3,))])    # brightness, contrast, saturation factors
 
 
-def pack_view(view: pipeline.AugmentView) -> np.ndarray:
+def pack_view(view: views_lib.AugmentView) -> np.ndarray:
     """AugmentView -> a VIEW_DTYPE record (0-d structured array); `unpack_view` inverts it."""
     record = np.zeros((), VIEW_DTYPE)
     record["box"] = view.box
@@ -84,11 +85,11 @@ def pack_view(view: pipeline.AugmentView) -> np.ndarray:
     return record
 
 
-def unpack_view(record: np.ndarray) -> pipeline.AugmentView:
+def unpack_view(record: np.ndarray) -> views_lib.AugmentView:
     """VIEW_DTYPE record -> AugmentView (the jitter factors were float32 draws: exact)."""
     optional = lambda x: None if np.isnan(x) else float(x)  # noqa: E731
     brightness, contrast, saturation = (optional(f) for f in record["jitter"])
-    return pipeline.AugmentView(
+    return views_lib.AugmentView(
         box=tuple(int(v) for v in record["box"]), horizontal_flip=bool(record["flips"][0]),
         vertical_flip=bool(record["flips"][1]), angle=optional(record["angle"]),
         brightness=brightness, contrast=contrast, saturation=saturation)
@@ -159,7 +160,7 @@ class TeacherCache:
                              "the rows you train on")
         return positions
 
-    def view(self, position: int, view_index: int) -> pipeline.AugmentView:
+    def view(self, position: int, view_index: int) -> views_lib.AugmentView:
         """The stored AugmentView `view_index` of the example at cache `position`."""
         return unpack_view(self.views[view_index, position])
 
@@ -189,7 +190,7 @@ def _check_meta(directory: pathlib.Path, stored: dict, wanted: dict) -> None:
 
 class _BuildBatch(grain.transforms.Map):
     """Build batch k -> views drawn for examples [start + k*B, ...) (view-major), shipped as
-    `pipeline.image_batch` (padded to B rows) with their flat indices and records."""
+    `views_lib.image_batch` (padded to B rows) with their flat indices and records."""
 
     def __init__(self, source, rows, *, augment, seed, image_size, batch_size, start, total,
                  channels, augment_on, stored_shape):
@@ -206,11 +207,11 @@ class _BuildBatch(grain.transforms.Map):
         for f in flat.tolist():
             view_index, position = divmod(f, len(self._rows))
             rows.append(int(self._rows[position]))
-            images.append(pipeline.checked_image(self._source[rows[-1]], rows[-1]))
-            views.append(pipeline.draw_view(*images[-1].shape, self._augment,
+            images.append(views_lib.checked_image(self._source[rows[-1]], rows[-1]))
+            views.append(views_lib.draw_view(*images[-1].shape, self._augment,
                                             np.random.default_rng([self._seed, view_index, rows[-1]])))
         records = np.array([pack_view(v) for v in views], VIEW_DTYPE)  # [n]
-        pixels = pipeline.image_batch(images, views, rows, **self._shipping)
+        pixels = views_lib.image_batch(images, views, rows, **self._shipping)
         return {**pixels, "flat": flat, "views": records}
 
 
@@ -257,7 +258,7 @@ def _open_arrays(directory: pathlib.Path, meta: dict, rows: np.ndarray):
 
 
 def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, *,
-                        image_size: int, augment: pipeline.AugmentConfig, num_views: int,
+                        image_size: int, augment: views_lib.AugmentConfig, num_views: int,
                         seed: int, batch_size: int, directory: str | os.PathLike,
                         mesh: jax.sharding.Mesh | None = None, num_threads: int = 2,
                         prefetch: int = 2, augment_on: str = "device",
@@ -297,8 +298,8 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
         raise ValueError(f"rows reach outside the source (len {len(source)}): "
                          f"min {rows.min()}, max {rows.max()}")
     rows = rows.astype(np.int64)
-    pipeline.check_augment_on(augment_on)
-    stored_shape = pipeline.stored_shape_of(source, rows, stored_shape)
+    views_lib.check_augment_on(augment_on)
+    stored_shape = views_lib.stored_shape_of(source, rows, stored_shape)
     mesh = mesh or parallel.make_mesh(jax.local_devices())
     if batch_size < 1 or batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
@@ -306,7 +307,7 @@ def build_teacher_cache(teachers: Sequence[tuple[Callable, Any]], source, rows, 
     directory = pathlib.Path(directory).expanduser().absolute()
     apply_fns = tuple(apply for apply, _ in teachers)
     variables = jax.device_put(tuple(v for _, v in teachers), parallel.replicated(mesh))
-    first = pipeline.checked_image(source[int(rows[0])], int(rows[0]))
+    first = views_lib.checked_image(source[int(rows[0])], int(rows[0]))
     forward = teacher_forward(apply_fns, mesh)
     image_shape = (batch_size, image_size, image_size, first.shape[2])
     out = jax.eval_shape(forward, variables, {"image": jax.ShapeDtypeStruct(image_shape, jnp.float32)})
@@ -405,9 +406,9 @@ class _CachedBatch(grain.transforms.MapWithIndex):
         positions = positions[self._host_slice]  # [B_host]
         view_index = (step // self._steps_per_epoch) % self._num_views
         rows, at = self._rows[positions], self._cache_positions[positions]
-        images = [pipeline.checked_image(self._source[row], row) for row in rows.tolist()]
+        images = [views_lib.checked_image(self._source[row], row) for row in rows.tolist()]
         replayed = [unpack_view(record) for record in views[view_index][at]]
-        pixels = pipeline.image_batch(images, replayed, rows.tolist(), **self._shipping)
+        pixels = views_lib.image_batch(images, replayed, rows.tolist(), **self._shipping)
         teacher_logits = logits[view_index][at][:, self._teacher_indices]  # [B_host, K, C]
         return {**pixels, "label": self._labels[positions],
                 "index": rows.astype(np.int32),

@@ -22,6 +22,7 @@ import numpy as np
 from rosjax import atomic
 from rosjax.config import ExperimentConfig
 from rosjax.data import DataError, datasets, device_augment, noise, pipeline, splits
+from rosjax.data import views as views_lib
 from rosjax.data.input_files import decode_text
 
 
@@ -282,8 +283,8 @@ def split_from_ids(ids_by_split: dict[str, Sequence[str]], ds: datasets.Prepared
     return rows
 
 
-def augment_config(cfg: ExperimentConfig) -> pipeline.AugmentConfig:
-    presets = {"dermoscopy": pipeline.AugmentConfig.dermoscopy, "chest_xray": pipeline.AugmentConfig.chest_xray}
+def augment_config(cfg: ExperimentConfig) -> views_lib.AugmentConfig:
+    presets = {"dermoscopy": views_lib.AugmentConfig.dermoscopy, "chest_xray": views_lib.AugmentConfig.chest_xray}
     if cfg.data.augment not in presets:
         raise ValueError(f"--data.augment={cfg.data.augment!r}: expected one of {', '.join(presets)}")
     return presets[cfg.data.augment]()

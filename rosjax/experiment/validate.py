@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from rosjax import losses
 from rosjax.config import ExperimentConfig
 from rosjax.data import noise as noise_lib
-from rosjax.data.pipeline import AUGMENT_ON
+from rosjax.data.views import AUGMENT_ON
 from rosjax.distill import weighting
 from rosjax.errors import UserError
 from rosjax.experiment import settings as settings_lib
