@@ -47,6 +47,7 @@ from rosjax import models
 from rosjax.config import PAPER_TEACHERS, OptimConfig
 from rosjax.data import views as views_lib
 from rosjax.distill import cache as cache_lib
+from rosjax.distill import replay
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.distill.weighting import weight_rule
 from rosjax.train import loop, optim, parallel, steps
@@ -293,7 +294,7 @@ def measure_distill(dtype: str, args, mesh) -> list[dict[str, Any]]:
               for b in host_batches(args, 2, num_teachers=len(args.teachers))]
     rep = parallel.replicated(mesh)
     cached_inputs = jax.device_put(DistillInputs(teachers=(), rule=weight_rule("exponential", len(args.teachers))), rep)
-    cached = parallel.jit_train_step(cache_lib.cached_distill_step(distill_step), mesh, frozen=cached_inputs)
+    cached = parallel.jit_train_step(replay.cached_distill_step(distill_step), mesh, frozen=cached_inputs)
     compiled, compile_s, flops = compile_step(cached, (state, device[0], key))
     state, metrics, ips = time_bare(compiled, state, device, key, args, frozen=cached_inputs)
     records.append({**common, "mode": "cached", "compile_s": compile_s,
@@ -345,7 +346,7 @@ def measure_data(args, cache_directory: pathlib.Path | None) -> list[dict[str, A
     if cache_directory is not None:
         cache = cache_lib.TeacherCache.open(cache_directory)
         source = jpeg_source(args, len(cache.rows))
-        iterator = cache_lib.cached_train_iterator(
+        iterator = replay.cached_train_iterator(
             source, cache.rows, np.zeros(len(source), np.int32), cache,
             image_size=args.image_size, batch_size=args.batch_size, seed=0)
         next(iterator)

@@ -11,7 +11,7 @@ import pytest
 from rosjax import models
 from rosjax.data import device_augment, pipeline
 from rosjax.data import views as views_lib
-from rosjax.distill import cache
+from rosjax.distill import cache, replay
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.distill.weighting import weight_rule
 from rosjax.train import parallel
@@ -119,36 +119,36 @@ def test_view_records_round_trip():
 
 def test_replay_gives_the_online_views_then_wraps_around(built):
     labels = np.arange(20) % CLASSES
-    replay = take(cache.cached_train_iterator(images(), ROWS, labels, built, image_size=SIZE,
-                                              batch_size=BATCH, seed=SEED, num_epochs=3), 6)
+    replayed = take(replay.cached_train_iterator(images(), ROWS, labels, built, image_size=SIZE,
+                                                batch_size=BATCH, seed=SEED, num_epochs=3), 6)
     online = list(pipeline.train_iterator(images(), ROWS, labels, image_size=SIZE,
                                           batch_size=BATCH, seed=SEED, augment=AUGMENT,
                                           num_epochs=2, stored_shape=STORED))
-    for got, want in zip(replay[:4], online):  # epochs 0 and 1: views 0 and 1
+    for got, want in zip(replayed[:4], online):  # epochs 0 and 1: views 0 and 1
         for key in ("image", "view", "label", "index"):  # same pixels, same drawn views
             assert_trees_equal(got[key], want[key])
-    epoch0 = {int(r): im for b in replay[:2] for r, im in zip(b["index"], pixels(b))}
-    for batch in replay[4:]:  # epoch 2 replays view 0
+    epoch0 = {int(r): im for b in replayed[:2] for r, im in zip(b["index"], pixels(b))}
+    for batch in replayed[4:]:  # epoch 2 replays view 0
         for row, image in zip(batch["index"], pixels(batch)):
             np.testing.assert_array_equal(image, epoch0[int(row)])
-    for batch in replay:  # the stored logits are the teachers' on the view the student renders
+    for batch in replayed:  # the stored logits are the teachers' on the view the student renders
         assert batch["teacher_logits"].shape == (BATCH, 2, CLASSES)
         assert batch["teacher_logits"].dtype == np.float32
         np.testing.assert_allclose(batch["teacher_logits"], reference_logits(pixels(batch)),
                                    rtol=1e-5, atol=1e-5)
-    one = next(cache.cached_train_iterator(images(), ROWS, labels, built, image_size=SIZE,
+    one = next(replay.cached_train_iterator(images(), ROWS, labels, built, image_size=SIZE,
                                            batch_size=BATCH, seed=SEED, teacher_indices=[1]))
-    np.testing.assert_array_equal(one["teacher_logits"], replay[0]["teacher_logits"][:, [1]])
+    np.testing.assert_array_equal(one["teacher_logits"], replayed[0]["teacher_logits"][:, [1]])
 
 
 def test_replay_resumes_from_iterator_state(built):
     kwargs = dict(image_size=SIZE, batch_size=BATCH, seed=SEED)
     labels = np.zeros(20, np.int32)
-    first = cache.cached_train_iterator(images(), ROWS, labels, built, **kwargs)
+    first = replay.cached_train_iterator(images(), ROWS, labels, built, **kwargs)
     take(first, 3)
     state = first.get_state()
     expected = take(first, 2)  # epoch 1 then epoch 2 (view 0 again)
-    resumed = cache.cached_train_iterator(images(), ROWS, labels, built, **kwargs)
+    resumed = replay.cached_train_iterator(images(), ROWS, labels, built, **kwargs)
     resumed.set_state(state)
     for got, want in zip(take(resumed, 2), expected):
         for key in want:
@@ -168,7 +168,7 @@ def test_cached_and_online_steps_give_the_same_loss_and_update(built):
                        apply_fn=student.apply, tx=tx)
     distill = make_distill_step((MODEL.apply, MODEL.apply), tau=2.0, alpha=0.7,
                                 multilabel=False)
-    cached_step = cache.cached_distill_step(distill)
+    cached_step = replay.cached_distill_step(distill)
 
     rule = weight_rule("exponential", 2)
 
@@ -179,7 +179,7 @@ def test_cached_and_online_steps_give_the_same_loss_and_update(built):
                 cached_step(state, DistillInputs(teachers=(), rule=rule), batch, key))
 
     mesh = parallel.make_mesh()
-    batches = take(cache.cached_train_iterator(images(), ROWS, np.arange(20) % CLASSES, built,
+    batches = take(replay.cached_train_iterator(images(), ROWS, np.arange(20) % CLASSES, built,
                                                image_size=SIZE, batch_size=BATCH, seed=SEED), 2)
     key = jax.random.key(11)
     weight_sums = []
@@ -224,8 +224,8 @@ def test_host_rendered_cache_replays_host_images(built, tmp_path):
     np.testing.assert_allclose(host.logits, built.logits, atol=0.05)
     labels = np.zeros(20, np.int32)
     kwargs = dict(image_size=SIZE, batch_size=BATCH, seed=SEED)
-    got = next(cache.cached_train_iterator(images(), ROWS, labels, host, **kwargs))
-    want = next(cache.cached_train_iterator(images(), ROWS, labels, built, **kwargs))
+    got = next(replay.cached_train_iterator(images(), ROWS, labels, host, **kwargs))
+    want = next(replay.cached_train_iterator(images(), ROWS, labels, built, **kwargs))
     assert "view" not in got and got["image"].dtype == np.float32
     np.testing.assert_allclose(got["image"], pixels(want), atol=2.5 / 255)
     np.testing.assert_allclose(got["teacher_logits"], reference_logits(got["image"]),
@@ -275,10 +275,10 @@ def test_cache_refuses_other_inputs(built):
     labels = np.zeros(20, np.int32)
     kwargs = dict(batch_size=BATCH, seed=0)
     with pytest.raises(ValueError, match="was built at 16 px"):
-        cache.cached_train_dataset(images(), ROWS, labels, built, image_size=24, **kwargs)
+        replay.cached_train_dataset(images(), ROWS, labels, built, image_size=24, **kwargs)
     with pytest.raises(ValueError, match="source row 0 is not in the teacher cache"):
-        cache.cached_train_dataset(images(), np.arange(8), labels, built, image_size=SIZE,
+        replay.cached_train_dataset(images(), np.arange(8), labels, built, image_size=SIZE,
                                    **kwargs)
     with pytest.raises(ValueError, match="must pick from the cache's 2 teachers"):
-        cache.cached_train_dataset(images(), ROWS, labels, built, image_size=SIZE,
+        replay.cached_train_dataset(images(), ROWS, labels, built, image_size=SIZE,
                                    teacher_indices=[2], **kwargs)

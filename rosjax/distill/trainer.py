@@ -28,7 +28,7 @@ import jax
 from rosjax import checkpoint
 from rosjax.config import DistillConfig, OptimConfig
 from rosjax.data import device_augment
-from rosjax.distill import cache, smoothing
+from rosjax.distill import replay, smoothing
 from rosjax.distill import weighting as weighting_lib
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.train import loop, parallel, steps
@@ -73,7 +73,7 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
       make_recalibration_batches: returns training batches (un-augmented is fine) for the
         BatchNorm recalibration of M_smooth; needed when distill.bn_mode == "recalibrate".
       cached_teacher_outputs: the train batches carry the teachers' stored logits
-        (`rosjax.distill.cache.cached_train_iterator`), so the step runs no teacher.
+        (`rosjax.distill.replay.cached_train_iterator`), so the step runs no teacher.
       class_weights: optional host array [C] weighting the CE term (`rosjax.losses.class_weights`);
         None: the paper's unweighted CE.
       load_weights: the student's starting weights (`rosjax.train.start.start_run`), e.g. ImageNet ones.
@@ -92,7 +92,7 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
         variables = () if cached_teacher_outputs else tuple(v for _, v in teachers)
         frozen = jax.device_put(DistillInputs(teachers=variables, rule=rule), parallel.replicated(mesh))
         if cached_teacher_outputs:  # batches carry teacher_logits [B, K, C]; no teacher runs
-            step = cache.cached_distill_step(step)
+            step = replay.cached_distill_step(step)
         step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     else:
         step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,

@@ -19,7 +19,7 @@ import jax
 from rosjax import losses
 from rosjax.config import ExperimentConfig
 from rosjax.distill import cache as cache_lib
-from rosjax.distill import rl_trainer, trainer
+from rosjax.distill import replay, rl_trainer, trainer
 from rosjax.errors import UserError
 from rosjax.eval import collapse
 from rosjax.experiment import artifacts
@@ -286,7 +286,7 @@ def _fit_student(cfg: ExperimentConfig, teachers_wd: Workdir, data: data_lib.Exp
     cached = cfg.distill.teacher_outputs == "cached" and bool(keys) and entry.trainer != "rl"
     if cached:
         store, picked = teacher_cache(cfg, teachers_wd, data, mesh, keys)
-        make_train_iter = lambda: cache_lib.cached_train_iterator(  # noqa: E731
+        make_train_iter = lambda: replay.cached_train_iterator(  # noqa: E731
             data.dataset.source, rows, data.train_labels, store, image_size=cfg.data.image_size,
             batch_size=cfg.optim.batch_size, seed=_seed(cfg, "student", 0), teacher_indices=picked,
             num_workers=cfg.data.num_workers)
