@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 
+from rosjax import atomic
 from rosjax import config as config_lib
 from rosjax.config import ExperimentConfig
 from rosjax.eval import report as report_lib
@@ -55,6 +56,7 @@ def run(cfg: ExperimentConfig, workdir, *, stages: Sequence[str], settings: Sequ
     cfg = dataclasses.replace(cfg, settings=tuple(settings_lib.canonical(s) for s in cfg.settings))
     check(cfg, workdir, stages=stages, settings=settings)
     wd = Workdir(workdir)
+    atomic.remove_orphans(wd.root)  # temporary files of a killed earlier run
     mesh = parallel.make_mesh()
     started = time.perf_counter()
     log.info("experiment %s in %s on %d %s device(s); stages: %s", cfg.name, wd.root, jax.device_count(),
