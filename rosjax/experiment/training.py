@@ -230,9 +230,22 @@ def load_teachers(cfg: ExperimentConfig, wd: Workdir, keys, mesh) -> list[tuple[
             raise MissingStageError(f"{which} has not finished in {wd.root}: run `--stage teachers`{also} "
                                     "with this work directory first")
         name = f"teacher:full_{key}" if isinstance(key, str) else f"teacher:{key}"
-        model, variables, _ = artifacts.load_setting(wd.root, name, parallel.replicated(mesh))
-        teachers.append((model.apply, variables))
+        finished_ns = (teacher_folder(cfg, wd, key) / "DONE.json").stat().st_mtime_ns
+        teachers.append(_load_finished_teacher(wd.root, name, parallel.replicated(mesh), finished_ns))
     return teachers
+
+
+@functools.lru_cache(maxsize=16)
+def _load_finished_teacher(root: pathlib.Path, name: str, sharding, finished_ns: int) -> tuple[Any, Any]:
+    """(apply_fn, variables) of a finished teacher, restored once per process.
+
+    Every student setting (and, with cached outputs, its cache) distils the same teachers: on a
+    CPU smoke run, restoring them from Orbax anew for each was a minute. `finished_ns` (the
+    mtime of the teacher's DONE.json) is part of the key, so a retrained teacher is read again.
+    """
+    del finished_ns  # only a cache key
+    model, variables, _ = artifacts.load_setting(root, name, sharding)
+    return model.apply, variables
 
 
 def train_setting(cfg: ExperimentConfig, wd: Workdir, data: data_lib.ExperimentData, setting: str,
