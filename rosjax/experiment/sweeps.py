@@ -129,7 +129,8 @@ def _plot_sweep(points: dict[str, dict], shown: list[str], titles: dict[str, str
             ax.bar(x + (i - (len(shown) - 1) / 2) * width, [np.nan if v is None else v for v in values],
                    width=width, label=titles[setting])
     ax.set(xticks=x, xticklabels=labels, xlabel=parameter, ylabel="test macro F1", title=title)
-    ax.legend()
+    # Below the axes, so no bar is hidden behind it (savefig's tight box takes it in).
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(shown), 2), frameon=False)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
