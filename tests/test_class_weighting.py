@@ -156,20 +156,14 @@ def test_balanced_run_trains_teachers_and_students(get_config, tmp_path):
 
 def test_steps_apply_the_weights():
     """Weights 2 double the teacher step's loss and the student steps' CE (they reach the programs)."""
-    from rosjax.config import OptimConfig  # noqa: PLC0415
+    from _tiny_student import tiny_student  # noqa: PLC0415
+
     from rosjax.distill import rl_policy  # noqa: PLC0415
     from rosjax.distill.steps import DistillInputs, make_distill_step  # noqa: PLC0415
     from rosjax.distill.weighting import weight_rule  # noqa: PLC0415
-    from rosjax.models import create  # noqa: PLC0415
-    from rosjax.train import optim, parallel, steps  # noqa: PLC0415
-    from rosjax.train.state import create_train_state  # noqa: PLC0415
+    from rosjax.train import steps  # noqa: PLC0415
     b, c, k = 8, 4, 2
-    batch = {"image": jnp.asarray(RNG.random((b, 8, 8, 3), dtype=np.float32)),
-             "label": jnp.asarray(RNG.integers(0, c, b).astype(np.int32)),
-             "teacher_logits": jnp.asarray(RNG.normal(size=(k, b, c)).astype(np.float32))}
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
-    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    state, batch = tiny_student(k, b, c, RNG)
     key, two = jax.random.key(1), np.full(c, 2.0, np.float32)
 
     def teacher(w):

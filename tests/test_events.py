@@ -4,17 +4,14 @@ import json
 
 import _train_worker as tw
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_student import tiny_student
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rosjax.config import OptimConfig
 from rosjax.distill.steps import DistillInputs, make_distill_step
 from rosjax.distill.weighting import weight_rule
-from rosjax.models import create
-from rosjax.train import events, optim, parallel
-from rosjax.train.state import create_train_state
+from rosjax.train import events, parallel
 
 
 def _fit(workdir, epochs, **cfg):
@@ -102,13 +99,7 @@ def test_flat_scalars_keeps_finite_numbers_only():
 @pytest.mark.parametrize("per_example", [False, True])
 def test_distill_step_reports_each_teachers_mean_weight(per_example):
     k, b, c = 3, 8, 4
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.random((b, 8, 8, 3), dtype=np.float32)),
-             "label": jnp.asarray(rng.integers(0, c, b).astype(np.int32)),
-             "teacher_logits": jnp.asarray(rng.normal(size=(k, b, c)).astype(np.float32))}
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
-    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    state, batch = tiny_student(k, b, c, np.random.default_rng(0))
     step = jax.jit(make_distill_step((None,) * k, tau=2.0, alpha=0.5, multilabel=False, per_example=per_example))
     _, m = step(state, DistillInputs(teachers=(), rule=weight_rule("exponential", k, normalize="none")), batch,
                 jax.random.key(1))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_student import tiny_student
 from scipy import stats
 
 from rosjax.config import OptimConfig
@@ -186,13 +187,7 @@ def test_weight_rule_gives_the_schemes_weights_bit_for_bit(kind, normalize, per_
 def test_every_weight_rule_runs_in_one_compiled_distillation_step():
     """Baseline III's equal weights and RoS-KD's draws: one program (the rule is an argument)."""
     k, b, c = 3, 4, 5
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.random((b, 8, 8, 3), dtype=np.float32)),
-             "label": jnp.asarray(rng.integers(0, c, b).astype(np.int32)),
-             "teacher_logits": jnp.asarray(rng.normal(size=(k, b, c)).astype(np.float32))}
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.05), steps_per_epoch=10)
-    state = create_train_state(create("tiny_cnn", c), tx, jax.random.key(0), (1, 8, 8, 3), mesh)
+    state, batch = tiny_student(k, b, c, np.random.default_rng(0))
     step = jax.jit(make_distill_step((None,) * k, tau=0.5, alpha=0.9, multilabel=False))
     sums = {}
     for kind, normalize in (("equal", "sum1"), ("exponential", "sum1"), ("exponential", "none")):
