@@ -451,20 +451,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--print", dest="print_file", metavar="FILE",
                         help="print the table of an existing JSON report and exit")
     args = parser.parse_args(argv)
-    for name, value in (TINY if args.tiny else DEFAULTS).items():
+    complete_args(parser, args, TINY if args.tiny else DEFAULTS, {"dtype": DTYPES, "sections": SECTIONS})
+    args.workers = [int(w) for w in args.workers.split(",") if w]
+    return args
+
+
+def complete_args(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, Any],
+                  valid: dict[str, Any]) -> None:
+    """Fills the flags not given from `defaults`, splits the comma-separated lists (archs,
+    teachers, dtype and the keys of `valid`) and rejects a value outside `valid[name]`."""
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.archs = [a for a in args.archs.split(",") if a]
-    args.teachers = [a for a in args.teachers.split(",") if a]
-    args.dtype = [d for d in args.dtype.split(",") if d]
-    args.workers = [int(w) for w in args.workers.split(",") if w]
-    args.sections = [s for s in args.sections.split(",") if s]
-    for name, values, valid in (("--dtype", args.dtype, DTYPES),
-                                ("--sections", args.sections, SECTIONS)):
-        bad = [v for v in values if v not in valid]
-        if bad:
-            parser.error(f"{name}: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
-    return args
+    for name in {"archs", "teachers", "dtype", *valid}:
+        setattr(args, name, [v for v in getattr(args, name).split(",") if v])
+    for name, allowed in valid.items():
+        if bad := [v for v in getattr(args, name) if v not in allowed]:
+            parser.error(f"--{name}: unknown {', '.join(bad)}; valid: {', '.join(allowed)}")
 
 
 def _record(fn: Callable, *args, **ids) -> Any:

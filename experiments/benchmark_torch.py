@@ -204,15 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="resnet18 at 32 px, one repeat")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    for name, value in (TINY if args.tiny else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.archs = [a for a in args.archs.split(",") if a]
-    args.teachers = [a for a in args.teachers.split(",") if a]
-    args.dtype = [d for d in args.dtype.split(",") if d]
-    bad = [d for d in args.dtype if d not in benchmark.DTYPES]
-    if bad:
-        parser.error(f"--dtype: unknown {', '.join(bad)}; valid: {', '.join(benchmark.DTYPES)}")
+    benchmark.complete_args(parser, args, TINY if args.tiny else DEFAULTS, {"dtype": benchmark.DTYPES})
     return args
 
 
