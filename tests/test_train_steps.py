@@ -170,3 +170,39 @@ def test_step_decay_matches_optax_sgd_and_one_program_serves_every_epoch_length(
             theirs, ref_state = jax.jit(reference.update)(g, ref_state, params)
             np.testing.assert_array_equal(np.asarray(ours["w"]), np.asarray(theirs["w"]))
     assert texts[0] == texts[1]
+
+
+TRACES: list[int] = []
+
+
+class _CountingDense(nn.Module):
+    """A one-layer model that records each time it is traced."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        TRACES.append(self.features)
+        return nn.Dense(self.features)(x.reshape((x.shape[0], -1)))
+
+
+def test_runs_of_one_architecture_share_one_traced_init_with_the_same_weights():
+    """Every run of an architecture (each teacher, student, sweep point) starts from one traced
+    init program; the weights are those of a direct `module.init` with the run's key."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx = optax.sgd(0.1)
+    TRACES.clear()
+    states = [create_train_state(_CountingDense(3), tx, jax.random.key(0), (2, 4, 4, 1), mesh)]
+    first_run = TRACES.count(3)
+    assert first_run >= 1
+    states += [create_train_state(_CountingDense(3), tx, jax.random.key(seed), (2, 4, 4, 1), mesh)
+               for seed in (1, 0)]
+    assert TRACES.count(3) == first_run  # the later runs traced nothing
+    create_train_state(_CountingDense(5), tx, jax.random.key(0), (2, 4, 4, 1), mesh)
+    assert TRACES.count(5) == first_run  # another architecture: its own program
+    for seed, state in zip((0, 1, 0), states, strict=True):
+        direct = _CountingDense(3).init({"params": jax.random.key(seed), "dropout": jax.random.key(seed)},
+                                        np.zeros((2, 4, 4, 1), np.float32))["params"]
+        np.testing.assert_array_equal(np.asarray(state.params["Dense_0"]["kernel"]),
+                                      np.asarray(direct["Dense_0"]["kernel"]))
+    assert not np.array_equal(np.asarray(states[0].params["Dense_0"]["kernel"]),
+                              np.asarray(states[1].params["Dense_0"]["kernel"]))
