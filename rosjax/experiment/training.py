@@ -223,14 +223,15 @@ def load_teachers(cfg: ExperimentConfig, wd: Workdir, keys, mesh) -> list[tuple[
     `Setting.teacher_keys`), replicated on the mesh; a clear error if one is missing."""
     teachers = []
     for key in keys:
-        if done(teacher_folder(cfg, wd, key)) is None:
+        folder = teacher_folder(cfg, wd, key)
+        if done(folder) is None:
             which = (f"the full-split teacher {key}" if isinstance(key, str)
                      else f"teacher {key} ({cfg.teachers.architectures[key]})")
             also = "" if isinstance(key, str) else f" (or `--teacher {key}`)"
             raise MissingStageError(f"{which} has not finished in {wd.root}: run `--stage teachers`{also} "
                                     "with this work directory first")
         name = f"teacher:full_{key}" if isinstance(key, str) else f"teacher:{key}"
-        finished_ns = (teacher_folder(cfg, wd, key) / "DONE.json").stat().st_mtime_ns
+        finished_ns = (folder / "DONE.json").stat().st_mtime_ns
         teachers.append(_load_finished_teacher(wd.root, name, parallel.replicated(mesh), finished_ns))
     return teachers
 

@@ -72,16 +72,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
       sample_shape: shape of one input batch, e.g. (1, 32, 32, 3) (NHWC, float32).
       mesh: the data-parallel mesh (`parallel.make_mesh()`).
     """
-    def replicated_like(tree):
-        return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
-
     try:
         init = _jitted_model_init(model, tuple(sample_shape), mesh)
     except TypeError:  # a module with an unhashable field (e.g. a list): traced for this run alone
         init = _jitted_model_init.__wrapped__(model, tuple(sample_shape), mesh)
     variables = init(key)
     params = variables["params"]
-    opt_state = jax.jit(tx.init, out_shardings=replicated_like(jax.eval_shape(tx.init, params)))(params)
+    opt_state = jax.jit(tx.init, out_shardings=_replicated_like(jax.eval_shape(tx.init, params), mesh))(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, apply_fn=model.apply, tx=tx)
 
@@ -101,5 +98,10 @@ def _jitted_model_init(model: nn.Module, sample_shape: tuple[int, ...],
         return model.init({"params": key, "dropout": key}, jnp.zeros(sample_shape, jnp.float32), train=False)
 
     shapes = jax.eval_shape(init_variables, jax.random.key(0))
-    return jax.jit(init_variables, out_shardings=jax.tree.map(lambda _: parallel.replicated(mesh), shapes))
+    return jax.jit(init_variables, out_shardings=_replicated_like(shapes, mesh))
+
+
+def _replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """A replicated sharding on `mesh` for every leaf of `tree` (jit's out_shardings)."""
+    return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
 
