@@ -13,12 +13,10 @@ then runs the same code, feeds its own slice of the global batch (`shard_batch` 
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import chex
 import jax
 import numpy as np
 
@@ -91,25 +89,31 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-_programs = itertools.count()
-
-
 def traced_once(fn: Callable) -> Callable:
-    """`fn` under `chex.assert_max_traces(n=1)`, for `jax.jit`: a second trace of the program
-    raises AssertionError naming it instead of silently compiling it again.
+    """`fn` for `jax.jit`, guarded: a second trace of the program raises AssertionError naming it
+    instead of silently compiling it again.
 
     A jitted step is traced (and compiled, minutes for DenseNet-121) once per argument
     signature; a second trace means an argument changed shape, dtype, weak type or structure
     between calls (say a state whose step counter became a Python int), and every epoch
-    would pay a compile. chex counts traces per definition site and name, and every run's
-    step is built at the same site here, so each wrapper gets a name of its own (`fn#n`):
-    the counter is the program's, not the site's.
+    would pay a compile. The count is this wrapper's own (one per built program), and the
+    wrapper keeps `fn`'s name: the name is part of the lowered module, and so of the key of
+    JAX's persistent compilation cache, so every run's program of one architecture and step
+    must carry the same name to load the program another run (or `CompileAhead`) compiled.
     """
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
+    traces = 0
+
     def program(*args):
+        nonlocal traces
+        traces += 1
+        if traces > 1:
+            raise AssertionError(f"the jitted program {name} was traced {traces} times: an argument changed "
+                                 "shape, dtype, weak type or structure between calls, so every call would compile")
         return fn(*args)
 
-    program.__name__ = f"{getattr(fn, '__name__', type(fn).__name__)}#{next(_programs)}"
-    return chex.assert_max_traces(program, n=1)
+    program.__name__ = program.__qualname__ = name
+    return program
 
 
 def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> Callable:
