@@ -82,7 +82,7 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
         ckpts = checkpoint.RunCheckpoints(workdir, best_mode=loop_cfg.best_mode)
         try:
             if ckpts.best_step() is not None:
-                best = ckpts.restore_best(abstract_state=checkpoint.abstract_like(result.state))
+                best = ckpts.restore_best(abstract_state=checkpoint.abstract_like(result.state.model_state()))
                 best_step, chosen = best.step, best.state
         finally:
             ckpts.close()

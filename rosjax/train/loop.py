@@ -4,7 +4,8 @@
 train iterator (grain `DatasetIterator`: `next`, `get_state`, `set_state`; infinite, e.g.
 `...repeat().batch(...)`), `steps_per_epoch` steps per epoch, and at every epoch end:
 `on_epoch_end` (may update `extras`), `evaluate`, one JSON line in `<workdir>/metrics.jsonl`,
-the best checkpoint by a validation metric and a resume checkpoint; the same scalars (and the
+the best model by a validation metric (`TrainState.model_state()`: the optimiser state is only
+needed to resume) and a resume checkpoint; the same scalars (and the
 loss of every step read) also go to a TensorBoard event file in `<workdir>` (see
 `rosjax.train.events`; `LoopConfig.tensorboard=False` turns it off). Restarting with the same
 work directory resumes from the latest intact checkpoint at the exact batch (a damaged one is
@@ -330,7 +331,7 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
         if cfg.best_metric is not None:
             value = _best_value(val, cfg.best_metric)
             if value is not None:
-                ckpts.save_best(step, value, state=state, run_key=run_key, extras=extras,
+                ckpts.save_best(step, value, state=state.model_state(), run_key=run_key, extras=extras,
                                 meta={**meta(step, tracker), "best_metric": cfg.best_metric,
                                       "value": value})
             record["best_value"] = ckpts.best_value()

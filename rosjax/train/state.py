@@ -32,6 +32,10 @@ class TrainState(flax.struct.PyTreeNode):
         """{'params', 'batch_stats'}: what `module.apply` and `save_variables` take."""
         return {"params": self.params, "batch_stats": self.batch_stats}
 
+    def model_state(self) -> ModelState:
+        """The model alone, without the optimiser state (half of a TrainState's bytes)."""
+        return ModelState(params=self.params, batch_stats=self.batch_stats, apply_fn=self.apply_fn)
+
 
 class ModelState(flax.struct.PyTreeNode):
     """A finished model to run in inference mode: params, batch_stats and the static `apply_fn`.
