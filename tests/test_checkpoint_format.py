@@ -6,11 +6,11 @@ if it is stored uncompressed.
 """
 import pathlib
 
+import _train_worker as tw
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import _train_worker as tw
 from rosjax import checkpoint, checkpoint_meta
 from rosjax.train import parallel
 
