@@ -77,6 +77,17 @@ def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_pa
     assert not workdir.exists() and not (tmp_path / "tfds").exists()
 
 
+def test_a_model_too_deep_for_the_crops_is_refused_wherever_it_is_named(tmp_path, capsys):
+    """DenseNet's logits are NaN below 29 px: refused before the other teachers train for nothing.
+    The smoke names densenet21 as a teacher and as the student sweep's second student."""
+    status, workdir = run_cli(tmp_path, "--data.image_size=24", "--stage", "data")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and not workdir.exists()
+    assert [line.split(":")[1] for line in lines] == [" --teachers.architectures=densenet21",
+                                                      " --sweeps.students=densenet21"]
+    assert all("needs crops of at least 29 px (--data.image_size=24)" in line for line in lines)
+
+
 def test_every_bad_option_is_named_at_once(tmp_path, capsys):
     status, _ = run_cli(tmp_path, "--distill.tau=0", "--distill.alpha=2", "--optim.epochs=0")
     assert status == 2

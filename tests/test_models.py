@@ -680,3 +680,21 @@ def test_file_and_model_errors(resnet18_case, tmp_path):
     with pytest.raises(ValueError, match="cache/fc/kernel has no torchvision counterpart"):
         pretrained.save_torchvision_weights(
             "tiny_cnn", {"cache": {"fc": {"kernel": np.zeros((2, 2))}}}, tmp_path / "w.npz")
+
+
+@pytest.mark.parametrize("name", [*models.MODEL_NAMES, "densenet21"])
+def test_min_image_size_is_where_the_logits_stop_being_finite(name):
+    """Checked by running the network: finite logits at `min_image_size` (and at 8 px, the
+    pipeline's floor, where that is larger), NaN one pixel below it."""
+    model = models.create(name, 3)
+    smallest = models.min_image_size(name)
+
+    def finite_at(size):
+        x = jnp.full((1, size, size, 3), 0.5)
+        variables = jax.eval_shape(model.init, rng_key(0), x)
+        variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), variables)
+        return bool(jnp.isfinite(model.apply(variables, x, train=False)).all())
+
+    assert finite_at(max(smallest, 8))
+    if smallest > 1:
+        assert not finite_at(smallest - 1)

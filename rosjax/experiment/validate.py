@@ -28,7 +28,7 @@ from rosjax.data.views import AUGMENT_ON
 from rosjax.distill import weighting
 from rosjax.errors import UserError
 from rosjax.experiment import settings as settings_lib
-from rosjax.models import MODEL_NAMES, SMALL_MODEL_NAMES
+from rosjax.models import MODEL_NAMES, SMALL_MODEL_NAMES, min_image_size
 
 ARCHITECTURES = (*MODEL_NAMES, *SMALL_MODEL_NAMES)
 DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
@@ -64,6 +64,14 @@ class _Problems:
 
     def one_of(self, option: str, value, allowed: Sequence) -> None:
         self.require(value in allowed, option, value, f"expected one of {', '.join(map(str, allowed))}")
+
+    def architecture(self, option: str, name: str, image_size: int) -> None:
+        """A model of the zoo that can run on --data.image_size crops."""
+        self.one_of(option, name, ARCHITECTURES)
+        if name in ARCHITECTURES:
+            self.require(image_size >= min_image_size(name), option, name,
+                         f"needs crops of at least {min_image_size(name)} px (--data.image_size={image_size}): "
+                         "smaller ones leave it an empty feature map and NaN logits")
 
     def raise_if_any(self) -> None:
         if self.lines:
@@ -226,7 +234,7 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
     t = cfg.teachers
     p.require(len(t.architectures) >= 1, "teachers.architectures", t.architectures, "name at least one teacher")
     for arch in t.architectures:
-        p.one_of("teachers.architectures", arch, ARCHITECTURES)
+        p.architecture("teachers.architectures", arch, cfg.data.image_size)
     p.require(0.0 <= t.overlap <= 1.0, "teachers.overlap", t.overlap, "must be in [0, 1]")
     p.require(t.subset_seed >= 0, "teachers.subset_seed", t.subset_seed, "must be >= 0")
     p.require(not t.pretrained or len(t.pretrained) == len(t.architectures), "teachers.pretrained", t.pretrained,
@@ -241,7 +249,7 @@ def _check_teachers(p: _Problems, cfg: ExperimentConfig, settings) -> None:
 
 def _check_distill(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
     d, epochs = cfg.distill, cfg.optim.epochs
-    p.one_of("distill.student", d.student, ARCHITECTURES)
+    p.architecture("distill.student", d.student, cfg.data.image_size)
     p.require(not d.pretrained or pathlib.Path(d.pretrained).expanduser().is_file(), "distill.pretrained",
               d.pretrained, "no such file")
     p.require(d.tau > 0, "distill.tau", d.tau, "the temperature must be > 0")
@@ -288,13 +296,13 @@ def _check_sweeps(p: _Problems, cfg: ExperimentConfig, stages, settings, workdir
     for value in s.overlaps:
         p.require(0.0 <= value <= 1.0, "sweeps.overlaps", value, "each overlap must be in [0, 1]")
     for arch in s.students:
-        p.one_of("sweeps.students", arch, ARCHITECTURES)
+        p.architecture("sweeps.students", arch, cfg.data.image_size)
     for field in ("normalizations", "per_example_normalizations"):
         values = getattr(s, field)
         for name in values:
             p.one_of(f"sweeps.{field}", name, weighting.NORMALIZATIONS)
         p.require(len(set(values)) == len(values), f"sweeps.{field}", values, "a normalisation is named twice")
-    p.one_of("sweeps.fold_student", s.fold_student, ARCHITECTURES)
+    p.architecture("sweeps.fold_student", s.fold_student, cfg.data.image_size)
     p.require(len(s.fold_seeds) >= 1 and all(x >= 0 for x in s.fold_seeds)
               and len(set(s.fold_seeds)) == len(s.fold_seeds), "sweeps.fold_seeds", s.fold_seeds,
               "distinct split seeds >= 0")

@@ -46,6 +46,17 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# DenseNet's 7x7/2 stem, 3x3/2 max pool and three unpadded 2x2/2 average pools leave no pixel
+# for its last dense block below 29 px, and its logits are NaN (the mean of an empty feature
+# map). The other models pad every strided layer: any size the pipeline allows works.
+_MIN_IMAGE_SIZE = {"densenet121": 29, "densenet21": 29}
+
+
+def min_image_size(name: str) -> int:
+    """The smallest square input, in pixels, on which model `name` computes finite logits."""
+    return _MIN_IMAGE_SIZE.get(name, 1)
+
+
 def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
            pixel_mean: Sequence[float] | None = None,
            pixel_std: Sequence[float] | None = None) -> nn.Module:
@@ -68,4 +79,4 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
         pixel_std=None if pixel_std is None else tuple(float(s) for s in pixel_std))
 
 
-__all__ = ["MODEL_NAMES", "SMALL_MODEL_NAMES", "create", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]
+__all__ = ["MODEL_NAMES", "SMALL_MODEL_NAMES", "create", "min_image_size", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]
