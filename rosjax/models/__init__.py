@@ -79,4 +79,5 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
         pixel_std=None if pixel_std is None else tuple(float(s) for s in pixel_std))
 
 
-__all__ = ["MODEL_NAMES", "SMALL_MODEL_NAMES", "create", "min_image_size", "ResNet", "MobileNetV2", "DenseNet", "TinyCNN"]
+__all__ = ["MODEL_NAMES", "SMALL_MODEL_NAMES", "create", "min_image_size", "ResNet", "MobileNetV2", "DenseNet",
+           "TinyCNN"]
