@@ -55,6 +55,22 @@ def test_stop_after_one_epoch_then_resume(straight, tmp_path):
     assert all(np.isfinite(r["train"]["loss"]) for r in records)
 
 
+def test_without_a_final_checkpoint_a_rerun_retrains_the_last_epoch_to_the_same_numbers(straight, tmp_path):
+    """`final_checkpoint=False` (the experiment's stages): the last save is the mid-epoch one
+    of step 9 (checkpoints every 3 steps), and a process killed after training but before
+    exporting retrains from there, to the straight run's variables and metrics."""
+    cfg = tw.loop_config(checkpoint_every_steps=3, final_checkpoint=False)
+    first = tw.run_counting_fit(tmp_path, parallel.make_mesh(), epochs=2, cfg=cfg)
+    _assert_same_variables(first, straight[1])
+    with checkpoint.RunCheckpoints(tmp_path) as ckpts:
+        assert ckpts.latest_step() == 9
+    again = tw.run_counting_fit(tmp_path, parallel.make_mesh(), epochs=2, cfg=cfg)
+    assert [r["epoch"] for r in again.history] == [2]
+    _assert_same_variables(again, straight[1])
+    assert int(again.extras["epochs"]) == 2
+    assert tw.metrics_without_timing(tmp_path) == tw.metrics_without_timing(straight[0])
+
+
 def test_kill_9_mid_epoch_then_resume(straight, tmp_path):
     # Steps per epoch 6, checkpoints every 2 steps: the process dies right after the 11th
     # step call, while the checkpoint of step 10 (mid epoch 2) may still be being written.

@@ -38,8 +38,10 @@ class MissingStageError(UserError):
 
 
 def loop_config(cfg: ExperimentConfig) -> loop.LoopConfig:
+    """Every stage exports its model and writes DONE.json as soon as it has trained, and a done
+    stage never trains on: no resume checkpoint after the last epoch."""
     return loop.LoopConfig(log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-                           wandb_project=cfg.logging.wandb)
+                           wandb_project=cfg.logging.wandb, final_checkpoint=False)
 
 
 def class_weights(cfg: ExperimentConfig, data: data_lib.ExperimentData, rows):

@@ -57,6 +57,11 @@ class LoopConfig:
     async_checkpointing: bool = True   # Write checkpoints in a background thread.
     tensorboard: bool = True           # Also write TensorBoard event files (rosjax.train.events).
     wandb_project: str = ""            # Also log to this Weights & Biases project ("": nothing leaves the machine).
+    # A resume checkpoint after the last epoch too, to train on later with more epochs. False
+    # where the caller exports the model at once: a run killed before the export then retrains
+    # its last epoch from the checkpoint before, to the same numbers, and each run saves one
+    # state fewer (the experiment's stages, which never train on once done).
+    final_checkpoint: bool = True
 
     def __post_init__(self):
         for name, low in (("log_every_steps", 1), ("checkpoint_every_steps", 0),
@@ -347,6 +352,7 @@ def _run(state, step, step_fn, train_iter, run_key, num_epochs, steps_per_epoch,
                             f"(best {_rounded(record['best_value'])})")
             log.info("epoch %d/%d: %s | %.1f s", epoch + 1, num_epochs, summary,
                      record["epoch_seconds"])
-        ckpts.save(step, state=state, run_key=run_key, meta=meta(step, tracker),
-                   iterator_state=position, extras=extras)
+        if step < total_steps or cfg.final_checkpoint:
+            ckpts.save(step, state=state, run_key=run_key, meta=meta(step, tracker),
+                       iterator_state=position, extras=extras)
     return FitResult(state=state, extras=extras, history=history)
