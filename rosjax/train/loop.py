@@ -5,7 +5,8 @@ train iterator (grain `DatasetIterator`: `next`, `get_state`, `set_state`; infin
 `...repeat().batch(...)`), `steps_per_epoch` steps per epoch, and at every epoch end:
 `on_epoch_end` (may update `extras`), `evaluate`, one JSON line in `<workdir>/metrics.jsonl`,
 the best model by a validation metric (`TrainState.model_state()`: the optimiser state is only
-needed to resume) and a resume checkpoint; the same scalars (and the
+needed to resume) and a resume checkpoint (after the last epoch only with
+`LoopConfig.final_checkpoint`); the same scalars (and the
 loss of every step read) also go to a TensorBoard event file in `<workdir>` (see
 `rosjax.train.events`; `LoopConfig.tensorboard=False` turns it off). Restarting with the same
 work directory resumes from the latest intact checkpoint at the exact batch (a damaged one is
