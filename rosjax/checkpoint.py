@@ -127,10 +127,6 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
             "data": grain.checkpoint.CheckpointHandler()}
 
 
-def _save_tree(tree: Any) -> ocp.args.PyTreeSave:
-    return ocp.args.PyTreeSave(tree)
-
-
 def _restore_tree(abstract: Any) -> ocp.args.PyTreeRestore:
     """Restores onto the shapes, dtypes and shardings of `abstract` (`abstract_like`)."""
     return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
@@ -155,10 +151,10 @@ def _best_manager(directory: pathlib.Path, best_mode: str, async_save: bool) -> 
 
 def _save_items(state: Any, run_key: jax.Array, meta: dict[str, Any], extras: dict[str, Any] | None) -> dict:
     """The Orbax items of a checkpoint: the state, the meta with the run key, the extras if any."""
-    items = {"state": _save_tree(state),
+    items = {"state": ocp.args.PyTreeSave(state),
              "meta": ocp.args.JsonSave({**meta, "run_key": checkpoint_meta.key_to_json(run_key)})}
     if extras:
-        items["extras"] = _save_tree(extras)
+        items["extras"] = ocp.args.PyTreeSave(extras)
     return items
 
 
@@ -419,7 +415,7 @@ def save_variables(path: str | os.PathLike, variables: Any) -> None:
     path = pathlib.Path(path).expanduser().absolute()
     checkpointer = ocp.Checkpointer(_array_handler())
     try:
-        checkpointer.save(path, args=_save_tree(variables), force=True)
+        checkpointer.save(path, args=ocp.args.PyTreeSave(variables), force=True)
     finally:
         checkpointer.close()
     if _is_primary():
