@@ -22,6 +22,8 @@ import time
 
 from jax import monitoring
 
+from rosjax.experiment import cli
+
 # (row label, jax.monitoring event) in the order of a program's life; each event is recorded
 # once per occurrence in the thread that waited for it, and none contains another.
 PHASES = (
@@ -32,6 +34,7 @@ PHASES = (
     ("checkpoint writes (blocking part)", "/jax/orbax/write/blocking_duration_secs"),
     ("checkpoint reads", "/jax/orbax/read/total_duration_secs"),
 )
+_PHASE_EVENTS = frozenset(event for _, event in PHASES)
 
 
 class DurationLog:
@@ -44,11 +47,10 @@ class DurationLog:
     def __init__(self):
         self.totals: dict[tuple[str, str], float] = collections.defaultdict(float)
         self.counts: dict[tuple[str, str], int] = collections.defaultdict(int)
-        self._events = {event for _, event in PHASES}
         self._lock = threading.Lock()
 
     def _listen(self, event: str, seconds: float, **_kwargs) -> None:
-        if event not in self._events:
+        if event not in _PHASE_EVENTS:
             return
         role = "main" if threading.current_thread() is threading.main_thread() else "beside"
         with self._lock:
@@ -83,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         experiment = importlib.import_module(f"experiments.{argv[0]}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as err:
+        if err.name != f"experiments.{argv[0]}":  # the module exists; something it imports is missing
+            raise
         print(f"error: no experiment module experiments.{argv[0]} (try lesion or nih_cxr)", file=sys.stderr)
         return 2
-    from rosjax.experiment import cli  # noqa: PLC0415 (after the listener module is imported)
-
     start = time.perf_counter()
     with DurationLog() as log:
         status = cli.main(experiment.get_config, argv[1:])
