@@ -56,6 +56,7 @@ def smoke_variant(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
     return dataclasses.replace(
         cfg,
         smoke=True,
+        model_width=0.25,
         # csv_images has no bundled samples: the smoke run keeps the user's --data.manual_dir.
         data=dataclasses.replace(cfg.data,
                                  manual_dir=(cfg.data.manual_dir if cfg.data.dataset == "csv_images"

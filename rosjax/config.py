@@ -66,6 +66,7 @@ class OptimConfig:
     milestones: tuple[int, ...] = (25, 40)  # Epochs at which the learning rate is divided (paper: 25, 40).
     decay_factor: float = 0.1          # Multiplier applied at each milestone (paper: ÷10).
     nesterov: bool = False             # Nesterov momentum (paper: plain momentum).
+    clip_grad_norm: float = 0.0        # Rescale each gradient to this global norm when above it, before weight decay (0: off, the paper).
     # Class imbalance (paper: none): "balanced" weights one-label CE by N / (C * n_c) and gives
     # BCE per-label positive weights n_neg / n_pos, from the labels of the rows each model trains
     # on (teachers: their subset; students: the training split), for teachers and students alike.
@@ -140,6 +141,9 @@ class ExperimentConfig:
     # WORKDIR/seeds/<s>/. Empty: `seed` alone. May grow between reruns (only new seeds train).
     seeds: tuple[int, ...] = ()
     dtype: str = "float32"             # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    # Channel multiplier of every network (rosjax.models.create's `width`): 1.0 is the paper's
+    # networks and the only width ImageNet weights fit; the smoke's 0.25 keeps CPU steps short.
+    model_width: float = 1.0
     data: DataConfig
     teachers: TeachersConfig = TeachersConfig()
     optim: OptimConfig = OptimConfig()

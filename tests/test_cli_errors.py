@@ -57,6 +57,8 @@ def run_cli(tmp_path, *argv):
     ("--data.noise_rate=0.3", "--data.noise_rate=0.3: needs --data.noise"),
     ("--data.noise=flip", "--data.noise=flip: isic2019 takes symmetric or pair noise"),
     ("--dtype=float16", "--dtype=float16: expected one of float32, bfloat16"),
+    ("--model_width=0", "--model_width=0.0: a channel multiplier in (0, 4]"),
+    ("--optim.clip_grad_norm=-1", "--optim.clip_grad_norm=-1.0: must be >= 0"),
     ("--teachers.pretrained=a.npz,,,,", "--teachers.pretrained=a.npz: no such file"),
     ("--distill.pretrained=a.npz", "--distill.pretrained=a.npz: no such file"),
     ("--data.download=sometimes", "--data.download=sometimes: expected one of auto, never"),
@@ -75,6 +77,16 @@ def test_a_bad_option_is_one_line_and_status_2_before_anything_is_written(tmp_pa
     assert culprit in lines[0]
     assert "Traceback" not in err
     assert not workdir.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_weight_files_are_refused_for_a_scaled_width(tmp_path, capsys):
+    """The smoke's networks are a quarter wide; a torchvision file holds width-1.0 shapes."""
+    weights = tmp_path / "resnet18.npz"
+    weights.write_bytes(b"")
+    status, workdir = run_cli(tmp_path, f"--distill.pretrained={weights}", "--stage", "data")
+    err = capsys.readouterr().err
+    assert status == 2 and "--model_width=0.25: torchvision weight files" in err and "Traceback" not in err
+    assert not workdir.exists()
 
 
 def test_a_model_too_deep_for_the_crops_is_refused_wherever_it_is_named(tmp_path, capsys):

@@ -243,7 +243,7 @@ def test_teachers_start_from_given_weights(tmp_path):
     path = tmp_path / "resnet18.npz"
     pretrained.save_torchvision_weights("resnet18", weights, path)
 
-    cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "resnet18,tiny_cnn",
+    cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "resnet18,tiny_cnn", "model_width": "1",
                                             "teachers.pretrained": f"{path},", "optim.learning_rate": "0",
                                             "optim.weight_decay": "0", "optim.epochs": "1",
                                             "optim.milestones": "", "distill.warmup_epochs": "0",

@@ -70,14 +70,23 @@ class TorchLayout:
         self.shapes[f"{name}.bias"] = (out_f,)
 
 
-def resnet_layout(bottleneck, layers, num_classes, in_ch):
+def make_divisible(v, divisor=8):
+    """torchvision's `_make_divisible` (torchvision.models._utils), as written there."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def resnet_layout(bottleneck, layers, num_classes, in_ch, base=64):
+    """`base`: the stem's channels (64 in torchvision); stage i has base * 2^i planes."""
     t = TorchLayout()
-    t.conv("conv1", 64, in_ch, 7)
-    t.bn("bn1", 64)
+    t.conv("conv1", base, in_ch, 7)
+    t.bn("bn1", base)
     expansion = 4 if bottleneck else 1
-    inplanes = 64
+    inplanes = base
     for i, blocks in enumerate(layers):
-        planes = 64 * 2**i
+        planes = base * 2**i
         for j in range(blocks):
             p = f"layer{i + 1}.{j}"
             stride = 2 if i > 0 and j == 0 else 1
@@ -105,12 +114,15 @@ TORCHVISION_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64,
                             (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenet_v2_layout(num_classes, in_ch):
+def mobilenet_v2_layout(num_classes, in_ch, width_mult=1.0):
+    """torchvision's `MobileNetV2(width_mult=...)`: channels rounded by `make_divisible`."""
     t = TorchLayout()
-    t.conv("features.0.0", 32, in_ch, 3)
-    t.bn("features.0.1", 32)
-    inp, idx = 32, 1
+    stem, last = make_divisible(32 * width_mult), make_divisible(1280 * max(1.0, width_mult))
+    t.conv("features.0.0", stem, in_ch, 3)
+    t.bn("features.0.1", stem)
+    inp, idx = stem, 1
     for expand, out, repeats, _ in TORCHVISION_MOBILENET_V2:
+        out = make_divisible(out * width_mult)
         for _ in range(repeats):
             hidden, p, j = inp * expand, f"features.{idx}.conv", 0
             if expand != 1:
@@ -122,9 +134,9 @@ def mobilenet_v2_layout(num_classes, in_ch):
             t.conv(f"{p}.{j + 1}", out, hidden, 1)
             t.bn(f"{p}.{j + 2}", out)
             inp, idx = out, idx + 1
-    t.conv(f"features.{idx}.0", 1280, inp, 1)
-    t.bn(f"features.{idx}.1", 1280)
-    t.linear("classifier.1", num_classes, 1280)
+    t.conv(f"features.{idx}.0", last, inp, 1)
+    t.bn(f"features.{idx}.1", last)
+    t.linear("classifier.1", num_classes, last)
     return t.shapes
 
 
@@ -338,6 +350,44 @@ def test_parameter_counts_match_torchvision(name, count):
     # The hand-written torchvision layouts used by the loader tests agree with torchvision too.
     layout = LAYOUTS[name](1000, 3)
     assert sum(math.prod(s) for k, s in layout.items() if is_parameter(k)) == count
+
+
+def test_torchvision_channel_rounding_by_hand():
+    # 0.25 x (32, 16, 24, 32, 64, 96, 160, 320): 8, 4, 6, 8, 16, 24, 40, 80; 4 and 6 round up to 8.
+    assert [make_divisible(c * 0.25) for c in (32, 16, 24, 32, 64, 96, 160, 320)] == [8, 8, 8, 8, 16, 24, 40, 80]
+    assert make_divisible(1280 * 1.4) == 1792 and make_divisible(32 * 1.4) == 48
+
+
+# The width's references: torchvision's MobileNetV2(width_mult) for MobileNet-v2; for the other
+# families (torchvision has no width multiplier for them), the torchvision layout with every
+# channel count scaled: ResNet's stem base 64 * width, DenseNet's growth rate and stem.
+@pytest.mark.parametrize("name, width, layout", [
+    ("mobilenet_v2", 0.25, functools.partial(mobilenet_v2_layout, width_mult=0.25)),
+    ("mobilenet_v2", 0.5, functools.partial(mobilenet_v2_layout, width_mult=0.5)),
+    ("mobilenet_v2", 1.4, functools.partial(mobilenet_v2_layout, width_mult=1.4)),
+    ("resnet18", 0.25, functools.partial(resnet_layout, False, (2, 2, 2, 2), base=16)),
+    ("resnet50", 0.25, functools.partial(resnet_layout, True, (3, 4, 6, 3), base=16)),
+    ("resnet34", 0.5, functools.partial(resnet_layout, False, (3, 4, 6, 3), base=32)),
+    ("densenet21", 0.25, functools.partial(densenet_layout, growth_rate=8, block_config=(2, 2, 2, 2),
+                                           num_init_features=16)),
+])
+def test_width_scales_every_channel_count_as_the_reference_layout(name, width, layout):
+    model = models.create(name, 8, width=width)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), rng_key(0),
+                               jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    reference = layout(8, 3)
+    kernels = sorted(math.prod(x.shape) for path, x in traverse_util.flatten_dict(variables["params"]).items()
+                     if path[-1] == "kernel")
+    # Every weight matrix / convolution kernel, as multisets of sizes, and the parameter total.
+    assert kernels == sorted(math.prod(s) for k, s in reference.items() if k.endswith("weight") and len(s) > 1)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == sum(
+        math.prod(s) for k, s in reference.items() if is_parameter(k))
+
+
+def test_width_must_be_a_positive_multiplier():
+    for width in (0, -0.5, 5):
+        with pytest.raises(ValueError, match="width"):
+            models.create("resnet18", 2, width=width)
 
 
 @pytest.mark.parametrize("name, channels, num_classes",

@@ -23,27 +23,34 @@ def test_lr_schedule_steps_down_at_epochs_25_and_40():
         assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
 
 
-def _torch_sgd_reference(w, b, a, y, *, lrs, momentum, wd, decay_bias):
-    """numpy float64 PyTorch SGD on L = 0.5 |a w + b - y|^2 (coupled wd, momentum buffer)."""
+def _torch_sgd_reference(w, b, a, y, *, lrs, momentum, wd, decay_bias, clip=0.0):
+    """numpy float64 PyTorch SGD on L = 0.5 |a w + b - y|^2 (coupled wd, momentum buffer).
+
+    clip > 0: `torch.nn.utils.clip_grad_norm_(params, clip)` before each `optimizer.step()`.
+    """
     buf_w = buf_b = None
     for lr in lrs:
         r = a @ w + b - y                      # [N]
-        g_w = a.T @ r + wd * w                 # [D]
-        g_b = np.sum(r) + (wd * b if decay_bias else 0.0)
+        g_w, g_b = a.T @ r, np.sum(r)          # [D], scalar
+        if clip:
+            scale = min(1.0, clip / np.sqrt(np.sum(g_w ** 2) + g_b ** 2))
+            g_w, g_b = g_w * scale, g_b * scale
+        g_w = g_w + wd * w
+        g_b = g_b + (wd * b if decay_bias else 0.0)
         buf_w = g_w if buf_w is None else momentum * buf_w + g_w
         buf_b = g_b if buf_b is None else momentum * buf_b + g_b
         w, b = w - lr * buf_w, b - lr * buf_b
     return w, b
 
 
-@pytest.mark.parametrize("decay_all_params", [True, False])
-def test_optimizer_matches_pytorch_sgd_on_a_quadratic(decay_all_params):
+@pytest.mark.parametrize("decay_all_params, clip", [(True, 0.0), (False, 0.0), (True, 1.5)])
+def test_optimizer_matches_pytorch_sgd_on_a_quadratic(decay_all_params, clip):
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 3))
     y = rng.normal(size=5)
     w0, b0 = rng.normal(size=3), 0.7
     cfg = OptimConfig(learning_rate=0.1, momentum=0.9, weight_decay=0.05, milestones=(2,),
-                      decay_factor=0.5)
+                      decay_factor=0.5, clip_grad_norm=clip)
     tx, _ = optim.make_optimizer(cfg, steps_per_epoch=2, decay_all_params=decay_all_params)
     # 'w' is a kernel-like [3, 1] array, 'b' a bias [1]: only 'w' decays when restricted.
     params = {"w": jnp.asarray(w0[:, None], jnp.float32), "b": jnp.asarray([b0], jnp.float32)}
@@ -60,7 +67,10 @@ def test_optimizer_matches_pytorch_sgd_on_a_quadratic(decay_all_params):
         params, opt_state = update(params, opt_state)
     lrs = [0.1] * 4 + [0.05] * 2  # epoch 2 (steps 4, 5) is past the milestone
     w_ref, b_ref = _torch_sgd_reference(w0, b0, a, y, lrs=lrs, momentum=0.9, wd=0.05,
-                                        decay_bias=decay_all_params)
+                                        decay_bias=decay_all_params, clip=clip)
+    if clip:  # the clip is active: the first gradient (norm 5.6) is above 1.5
+        r0 = a @ w0 + b0 - y
+        assert np.sqrt(np.sum((a.T @ r0) ** 2) + np.sum(r0) ** 2) > clip
     np.testing.assert_allclose(params["w"][:, 0], w_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(params["b"][0], b_ref, rtol=1e-5, atol=1e-5)
 

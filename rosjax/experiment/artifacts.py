@@ -26,7 +26,7 @@ MODEL_JSON = "model.json"
 def model_spec(cfg: ExperimentConfig, architecture: str, *, class_names, num_channels: int) -> dict[str, Any]:
     """What `build_model` needs to rebuild a module, as JSON."""
     return {"architecture": architecture, "num_classes": len(class_names), "class_names": list(class_names),
-            "dtype": cfg.dtype, "pixel_mean": list(cfg.data.pixel_mean),
+            "dtype": cfg.dtype, "width": cfg.model_width, "pixel_mean": list(cfg.data.pixel_mean),
             "pixel_std": list(cfg.data.pixel_std), "image_size": cfg.data.image_size,
             "num_channels": num_channels}
 
@@ -37,7 +37,8 @@ def build_model(spec: dict[str, Any]):
     if spec["dtype"] not in dtypes:
         raise ValueError(f"dtype {spec['dtype']!r}: expected one of {', '.join(dtypes)}")
     return models.create(spec["architecture"], spec["num_classes"], dtype=dtypes[spec["dtype"]],
-                         pixel_mean=tuple(spec["pixel_mean"]), pixel_std=tuple(spec["pixel_std"]))
+                         pixel_mean=tuple(spec["pixel_mean"]), pixel_std=tuple(spec["pixel_std"]),
+                         width=spec.get("width", 1.0))  # model.json files of 0.1 have no width
 
 
 def write_spec(folder: pathlib.Path, spec: dict[str, Any]) -> None:

@@ -101,6 +101,17 @@ def _check_top(p: _Problems, cfg: ExperimentConfig, settings) -> None:
               f"must include --seed={cfg.seed}, whose run is the work directory itself (it also holds the "
               f"attacks, landscapes, sweeps and folds); add it, or set --seed to one of them")
     p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
+    p.require(0 < cfg.model_width <= 4, "model_width", cfg.model_width, "a channel multiplier in (0, 4]")
+    # tiny_cnn ignores the width; every other network's weight files hold width-1.0 shapes.
+    # (A file that does not exist is reported once, by its own option.)
+    def exists(path: str) -> bool:
+        return bool(path) and pathlib.Path(path).expanduser().is_file()
+
+    scaled = [arch for arch, path in zip(cfg.teachers.architectures, cfg.teachers.pretrained) if exists(path)]
+    scaled += [cfg.distill.student] if exists(cfg.distill.pretrained) else []
+    p.require(cfg.model_width == 1 or all(arch == "tiny_cnn" for arch in scaled), "model_width", cfg.model_width,
+              "torchvision weight files (--teachers.pretrained, --distill.pretrained) hold width-1.0 networks; "
+              "pass --model_width=1")
     for name in dict.fromkeys((*cfg.settings, *settings)):
         p.require(name in known_settings, "settings", name, f"unknown setting; valid: {', '.join(known_settings)}")
     p.require(len(set(cfg.settings)) == len(cfg.settings), "settings", cfg.settings, "a setting is named twice")
@@ -227,6 +238,7 @@ def _check_optim(p: _Problems, cfg: ExperimentConfig, devices: int) -> None:
         p.require(all(1 <= m <= o.epochs for m in o.milestones) and list(o.milestones) == sorted(set(o.milestones)),
                   "optim.milestones", o.milestones, f"increasing epochs in 1..{o.epochs} (--optim.epochs)")
     p.require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
+    p.require(o.clip_grad_norm >= 0, "optim.clip_grad_norm", o.clip_grad_norm, "must be >= 0 (0: no clipping)")
     p.one_of("optim.class_weighting", o.class_weighting, losses.CLASS_WEIGHTINGS)
 
 

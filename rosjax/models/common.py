@@ -70,6 +70,17 @@ def torch_linear_bias(fan_in: int) -> Callable[..., jax.Array]:
     return init
 
 
+def scaled_channels(channels: int, width: float) -> int:
+    """`channels` times the width multiplier, rounded as torchvision's `_make_divisible(v, 8)`.
+
+    The nearest multiple of 8, at least 8, and never more than 10 % below `channels * width`;
+    width 1.0 returns `channels` for every channel count of the zoo.
+    """
+    target = channels * width
+    rounded = max(8, int(target + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * target else rounded
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
          dtype: Any, kernel_init=KAIMING_NORMAL_FAN_OUT, name: str) -> Conv:
     """A bias-free square convolution with torch's symmetric zero padding `padding`

@@ -70,7 +70,8 @@ class DenseNet(nn.Module):
     """torchvision DenseNet (defaults: DenseNet-121).
 
     Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
-    (float32), or (logits, pooled features [B, D]); D = 1024 for DenseNet-121.
+    (float32), or (logits, pooled features [B, D]); D = 1024 for DenseNet-121. `width` scales
+    `growth_rate` and `num_init_features` (rounded to multiples of 8; 1.0: torchvision's).
     """
     num_classes: int
     dtype: Any = jnp.float32
@@ -80,6 +81,7 @@ class DenseNet(nn.Module):
     block_config: tuple[int, ...] = (6, 12, 24, 16)
     num_init_features: int = 64
     bn_size: int = 4
+    width: float = 1.0
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
     torch_stem: ClassVar[str] = "features.conv0"
@@ -89,12 +91,14 @@ class DenseNet(nn.Module):
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = _conv(self.num_init_features, 7, stride=2, padding=3, dtype=self.dtype,
+        growth_rate = common.scaled_channels(self.growth_rate, self.width)
+        x = _conv(common.scaled_channels(self.num_init_features, self.width), 7, stride=2, padding=3,
+                  dtype=self.dtype,
                   name="features_conv0")(x)
         x = nn.relu(bn(name="features_norm0")(x))
-        x = common.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
+        x = common.max_pool_3x3_s2(x)  # [B, H/4, W/4, num_init_features * width]
         for index, num_layers in enumerate(self.block_config):
-            x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.dtype,
+            x = DenseBlock(num_layers, growth_rate, self.bn_size, self.dtype,
                            name=f"features_denseblock{index + 1}")(x, train)
             if index != len(self.block_config) - 1:
                 x = Transition(x.shape[-1] // 2, self.dtype,

@@ -1,8 +1,10 @@
-"""MobileNet-V2 (width 1.0), layer for layer torchvision's `torchvision.models.mobilenet_v2`.
+"""MobileNet-V2, layer for layer torchvision's `torchvision.models.mobilenet_v2`.
 
 Inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear projection) with ReLU6, the
 torchvision initialisation (convolutions kaiming-normal fan_out, BatchNorm 1/0, classifier
-N(0, 0.01) with zero bias) and dropout 0.2 before the classifier. Training mode therefore needs
+N(0, 0.01) with zero bias) and dropout 0.2 before the classifier. `width` is torchvision's `width_mult`: every block's
+channels times it, rounded to a multiple of 8, and the last 1x1 convolution's 1280 only for
+widths above 1. Training mode therefore needs
 a 'dropout' rng: `module.apply(..., train=True, rngs={'dropout': key})`.
 
 Submodules carry torchvision's module paths with '_' for '.': `features_0_0` is the stem
@@ -53,16 +55,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """torchvision MobileNetV2 (width 1.0); `inverted_residual_setting` as in torchvision.
+    """torchvision MobileNetV2 (`width` = width_mult); `inverted_residual_setting` as in torchvision.
 
     Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
-    (float32), or (logits, pooled features [B, 1280]).
+    (float32), or (logits, pooled features [B, 1280]) (more for width > 1).
     """
     num_classes: int
     dtype: Any = jnp.float32
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
     dropout_rate: float = 0.2
+    width: float = 1.0
     inverted_residual_setting: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_SETTING
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
@@ -74,18 +77,19 @@ class MobileNetV2(nn.Module):
         conv = functools.partial(common.conv, dtype=self.dtype)
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = conv(_STEM_FEATURES, 3, stride=2, padding=1, name="features_0_0")(x)
-        x = nn.relu6(bn(name="features_0_1")(x))  # [B, H/2, W/2, 32]
+        x = conv(common.scaled_channels(_STEM_FEATURES, self.width), 3, stride=2, padding=1, name="features_0_0")(x)
+        x = nn.relu6(bn(name="features_0_1")(x))  # [B, H/2, W/2, 32 * width]
         index = 1
         for expand_ratio, out_features, repeats, first_stride in self.inverted_residual_setting:
             for repeat in range(repeats):
                 stride = first_stride if repeat == 0 else 1
-                x = InvertedResidual(out_features, stride, expand_ratio, self.dtype,
+                x = InvertedResidual(common.scaled_channels(out_features, self.width), stride, expand_ratio, self.dtype,
                                      name=f"features_{index}")(x, train)
                 index += 1
-        x = conv(_LAST_FEATURES, 1, name=f"features_{index}_0")(x)
-        x = nn.relu6(bn(name=f"features_{index}_1")(x))  # [B, H/32, W/32, 1280]
-        features = common.global_avg_pool(x)  # [B, 1280]
+        last = common.scaled_channels(_LAST_FEATURES, max(1.0, self.width))
+        x = conv(last, 1, name=f"features_{index}_0")(x)
+        x = nn.relu6(bn(name=f"features_{index}_1")(x))  # [B, H/32, W/32, last]
+        features = common.global_avg_pool(x)  # [B, last]
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(0.01),

@@ -3,7 +3,9 @@
 Same blocks, strides and paddings as torchvision (ResNet-50 is "v1.5": the stride sits on the
 3x3 convolution of the bottleneck), the same initialisation (convolutions kaiming-normal with
 fan_out, BatchNorm scale 1 / bias 0, the `fc` layer with torch's default Linear init, no
-zero-initialised residual branches). Submodules are named after torchvision's modules with
+zero-initialised residual branches). `width` scales every channel count (64 * width in the
+stem, 64 * width * 2^stage per stage; 1.0 is torchvision's, the only width ImageNet weights
+exist for). Submodules are named after torchvision's modules with
 '_' for '.', e.g. `layer1_0/downsample_0` holds `layer1.0.downsample.0.weight`, which is what
 `rosjax.models.pretrained` relies on.
 """
@@ -67,7 +69,7 @@ class ResNet(nn.Module):
     """torchvision ResNet: 7x7/2 stem, 3x3/2 max pool, four stages, global pool, `fc`.
 
     Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
-    (float32), or (logits, pooled features [B, 512 * block.expansion]).
+    (float32), or (logits, pooled features [B, 8 * base * block.expansion]), base = 64 at width 1.
     """
     block: type
     stage_sizes: Sequence[int]
@@ -75,6 +77,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
+    width: float = 1.0
 
     # torchvision names of the first convolution and of the classifier, for the weight loader.
     torch_stem: ClassVar[str] = "conv1"
@@ -83,11 +86,12 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = common.conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
+        base = common.scaled_channels(64, self.width)
+        x = common.conv(base, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(common.batch_norm(train=train, dtype=self.dtype, name="bn1")(x))
-        x = common.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
+        x = common.max_pool_3x3_s2(x)  # [B, H/4, W/4, base]
         for stage, num_blocks in enumerate(self.stage_sizes):
-            planes = 64 * 2**stage
+            planes = base * 2**stage
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 x = self.block(planes, stride, self.dtype,

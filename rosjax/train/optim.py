@@ -16,6 +16,8 @@ with milestones (25, 40), epochs 0-24 use 0.1, 25-39 use 0.01, 40-49 use 0.001).
 
 Weight decay applies to every parameter, BatchNorm scales/biases and biases included, as
 PyTorch's default does; `decay_all_params=False` restricts it to kernels (arrays of rank > 1).
+`clip_grad_norm` > 0 first rescales the gradient to that global norm when it is larger
+(`torch.nn.utils.clip_grad_norm_` before `optimizer.step()`); the paper does not clip.
 The hyper-parameters live in `rosjax.config.OptimConfig` (paper defaults, a comment per field).
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, *,
     schedule = lr_schedule(cfg, steps_per_epoch)
     mask = None if decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1,
                                                                       params))
-    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+    clip = (optax.clip_by_global_norm(cfg.clip_grad_norm),) if cfg.clip_grad_norm > 0 else ()
+    tx = optax.chain(*clip, optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                      optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
                      scale_by_step_decay(cfg, steps_per_epoch))
     return tx, schedule
