@@ -384,6 +384,16 @@ def test_width_scales_every_channel_count_as_the_reference_layout(name, width, l
         math.prod(s) for k, s in reference.items() if is_parameter(k))
 
 
+@pytest.mark.parametrize("width, channels", [(1.0, (8, 16)), (2.0, (16, 32)), (0.25, (8, 8))])
+def test_tiny_cnn_scales_its_two_convolutions(width, channels):
+    """The test network widens too: 8 and 16 channels times the width, never below 8."""
+    variables = jax.eval_shape(functools.partial(models.create("tiny_cnn", 5, width=width).init, train=False),
+                               rng_key(0), jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))["params"]
+    assert variables["conv1"]["kernel"].shape == (3, 3, 3, channels[0])
+    assert variables["conv2"]["kernel"].shape == (3, 3, channels[0], channels[1])
+    assert variables["fc"]["kernel"].shape == (channels[1], 5)
+
+
 def test_width_must_be_a_positive_multiplier():
     for width in (0, -0.5, 5):
         with pytest.raises(ValueError, match="width"):

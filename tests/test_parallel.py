@@ -1,4 +1,5 @@
 """Data parallelism: 1 device and 4 devices give the same training; shardings, donation, errors."""
+import collections
 import functools
 
 import _train_worker as tw
@@ -105,6 +106,7 @@ def test_a_second_epoch_traces_neither_the_train_nor_the_eval_step_again(monkeyp
 
     monkeypatch.setattr(steps, "train_step", counted("train", steps.train_step))
     monkeypatch.setattr(steps, "eval_step", counted("eval", steps.eval_step))
+    parallel._shared_jit.cache_clear()  # programs an earlier test of this process compiled for tiny_cnn
     images, labels = tw.dataset_arrays()
     val = [{"image": images[i:i + tw.BATCH], "label": labels[i:i + tw.BATCH], "mask": np.ones(tw.BATCH, np.float32)}
            for i in range(0, 2 * tw.BATCH, tw.BATCH)]
@@ -117,6 +119,42 @@ def test_a_second_epoch_traces_neither_the_train_nor_the_eval_step_again(monkeyp
         mesh=mesh, loop_cfg=tw.loop_config(checkpoint_every_steps=3))
     assert int(result.fit.state.step) == 2 * tw.STEPS_PER_EPOCH and len(result.fit.history) == 2
     assert traces == {"train": 1, "eval": 1}
+
+
+def test_a_second_run_of_one_architecture_and_recipe_traces_nothing(monkeypatch, tmp_path):
+    """Two `train_classifier` runs of one architecture, recipe and epoch length in one process
+    (the student settings of an experiment): the second traces neither its train step nor its
+    evaluation (Python runs a function only while jax traces it), and still trains from its own
+    seed."""
+    traces = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traces[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(steps, "train_step", counted("train", steps.train_step))
+    monkeypatch.setattr(steps, "eval_step", counted("eval", steps.eval_step))
+    parallel._shared_jit.cache_clear()
+    images, labels = tw.dataset_arrays()
+    val = [{"image": images[:tw.BATCH], "label": labels[:tw.BATCH], "mask": np.ones(tw.BATCH, np.float32)}]
+    mesh = parallel.make_mesh()
+    optim_cfg = OptimConfig(epochs=1, batch_size=tw.BATCH, learning_rate=0.05, milestones=(2,))
+    model = models.create("tiny_cnn", tw.CLASSES, pixel_mean=(0.3,))  # a module no other test builds
+    finals, per_run = [], []
+    for seed in (0, 1):
+        before = dict(traces)
+        result = classifier.train_classifier(
+            model, tw.train_iter, validation.make_evaluator(lambda: val, mesh=mesh, multilabel=False),
+            tmp_path / str(seed), optim_cfg=optim_cfg, steps_per_epoch=tw.STEPS_PER_EPOCH,
+            image_shape=(tw.IMAGE, tw.IMAGE, tw.CHANNELS), multilabel=False, seed=seed, mesh=mesh,
+            loop_cfg=tw.loop_config(checkpoint_every_steps=0))
+        per_run.append({k: traces[k] - before.get(k, 0) for k in ("train", "eval")})
+        finals.append(jax.device_get(result.fit.state.params))
+    assert per_run == [{"train": 1, "eval": 1}, {"train": 0, "eval": 0}]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])))
+    assert diff > 1e-3  # two seeds, two different trained models from the one program
 
 
 def test_a_retrace_of_a_jitted_step_is_an_error():

@@ -7,6 +7,7 @@ built. `cached_distill_step` adapts the distillation step to those batches: no t
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import grain
@@ -113,8 +114,10 @@ def cached_train_iterator(source, indices, labels, cache: TeacherCache,
     return iter(cached_train_dataset(source, indices, labels, cache, **kwargs))
 
 
+@functools.lru_cache(maxsize=16)
 def cached_distill_step(distill_step: Callable) -> Callable:
-    """Adapts `make_distill_step(...)`'s step to cached batches; no teacher runs.
+    """Adapts `make_distill_step(...)`'s step to cached batches; no teacher runs. One object per
+    step, so the runs sharing the step share its jitted program (`parallel.jit_train_step`).
 
     Returns `step(state, inputs, batch, run_key) -> (state, metrics)` for
     `parallel.jit_train_step(step, mesh, frozen=inputs)`, with `inputs` a `DistillInputs`

@@ -24,11 +24,13 @@ Baseline I (no teachers) is `rosjax.train.steps.train_step`.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rosjax import losses
@@ -52,7 +54,12 @@ def teacher_logits(apply_fns: Sequence[Callable], teachers: Sequence[Any], image
 
 def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alpha: float, multilabel: bool,
                       per_example: bool = False, class_weights=None) -> Callable:
-    """Builds `distill_step(state, inputs, batch, run_key) -> (state, metrics)`.
+    """Builds `distill_step(state, inputs, batch, run_key) -> (state, metrics)`, one object per
+    distinct arguments in a process.
+
+    `parallel.jit_train_step` shares one jitted program among the runs passing the same step
+    object: the settings distilling one student from as many teachers (their weighting is an
+    argument, `inputs.rule`), and the sweep points, compile and trace it once.
 
     Args:
       teacher_apply_fns: each teacher's `module.apply` (static; the variables come at call time
@@ -66,6 +73,19 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
     teacher-weight key, so a resumed run draws the same weights at the same step; the weights
     follow `inputs.rule` (`rosjax.distill.weighting.rule_weights`).
     """
+    weights = None if class_weights is None else tuple(np.asarray(class_weights, np.float32).tolist())
+    options = dict(tau=float(tau), alpha=float(alpha), multilabel=multilabel, per_example=per_example, weights=weights)
+    try:
+        return _distill_step(tuple(teacher_apply_fns), **options)
+    except TypeError:  # a teacher module with an unhashable field (e.g. a list): built for this run alone
+        return _distill_step.__wrapped__(tuple(teacher_apply_fns), **options)
+
+
+@functools.lru_cache(maxsize=16)
+def _distill_step(teacher_apply_fns: tuple[Callable, ...], *, tau: float, alpha: float, multilabel: bool,
+                  per_example: bool, weights: tuple[float, ...] | None) -> Callable:
+    """`make_distill_step`'s builder, on hashable arguments (`weights`: the class weights)."""
+    class_weights = None if weights is None else np.asarray(weights, np.float32)
     num_teachers = len(teacher_apply_fns)
     if num_teachers < 1:
         raise ValueError("make_distill_step needs at least one teacher")

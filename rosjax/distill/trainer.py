@@ -15,7 +15,6 @@ the trajectory, and the baselines are treated the same way so the comparison is 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 import pathlib
@@ -95,8 +94,8 @@ def train_student(model: nn.Module, teachers: Sequence[tuple[Callable, Any]],
             step = replay.cached_distill_step(step)
         step_fn = parallel.jit_train_step(step, mesh, frozen=frozen)
     else:
-        step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
-                                                            class_weights=class_weights), mesh)
+        step_fn = parallel.jit_train_step(steps.bound_train_step(multilabel=multilabel, class_weights=class_weights),
+                                          mesh)
 
     extras, on_epoch_end = {}, None
     if smooth:

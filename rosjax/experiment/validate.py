@@ -28,7 +28,7 @@ from rosjax.data.views import AUGMENT_ON
 from rosjax.distill import weighting
 from rosjax.errors import UserError
 from rosjax.experiment import settings as settings_lib
-from rosjax.models import MODEL_NAMES, SMALL_MODEL_NAMES, min_image_size
+from rosjax.models import MAX_WIDTH, MODEL_NAMES, SMALL_MODEL_NAMES, min_image_size
 
 ARCHITECTURES = (*MODEL_NAMES, *SMALL_MODEL_NAMES)
 DATASETS = {"isic2019": {"channels": 3, "multilabel": False, "noise": ("symmetric", "pair")},
@@ -101,15 +101,15 @@ def _check_top(p: _Problems, cfg: ExperimentConfig, settings) -> None:
               f"must include --seed={cfg.seed}, whose run is the work directory itself (it also holds the "
               f"attacks, landscapes, sweeps and folds); add it, or set --seed to one of them")
     p.one_of("dtype", cfg.dtype, ("float32", "bfloat16"))
-    p.require(0 < cfg.model_width <= 4, "model_width", cfg.model_width, "a channel multiplier in (0, 4]")
-    # tiny_cnn ignores the width; every other network's weight files hold width-1.0 shapes.
-    # (A file that does not exist is reported once, by its own option.)
+    p.require(0 < cfg.model_width <= MAX_WIDTH, "model_width", cfg.model_width,
+              f"a channel multiplier in (0, {MAX_WIDTH:g}]")
+    # Weight files hold width-1.0 shapes. (A file that does not exist is reported once, by its own option.)
     def exists(path: str) -> bool:
         return bool(path) and pathlib.Path(path).expanduser().is_file()
 
     scaled = [arch for arch, path in zip(cfg.teachers.architectures, cfg.teachers.pretrained) if exists(path)]
     scaled += [cfg.distill.student] if exists(cfg.distill.pretrained) else []
-    p.require(cfg.model_width == 1 or all(arch == "tiny_cnn" for arch in scaled), "model_width", cfg.model_width,
+    p.require(cfg.model_width == 1 or not scaled, "model_width", cfg.model_width,
               "torchvision weight files (--teachers.pretrained, --distill.pretrained) hold width-1.0 networks; "
               "pass --model_width=1")
     for name in dict.fromkeys((*cfg.settings, *settings)):

@@ -18,10 +18,12 @@ class TinyCNN(nn.Module):
     """conv3x3/2 (8) - BN - ReLU - conv3x3/2 (16) - BN - ReLU - global pool - `fc`.
 
     Call: `(x [B, H, W, C] in [0, 1], *, train, return_features)` -> logits [B, num_classes]
-    (float32), or (logits, pooled features [B, 16]).
+    (float32), or (logits, pooled features [B, F]), F = 16 at width 1. `width` scales both
+    convolutions as every network of the zoo (`common.scaled_channels`: never below 8).
     """
     num_classes: int
     dtype: Any = jnp.float32
+    width: float = 1.0
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
 
@@ -34,9 +36,11 @@ class TinyCNN(nn.Module):
         conv = functools.partial(common.conv, dtype=self.dtype)
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = nn.relu(bn(name="bn1")(conv(8, 3, stride=2, padding=1, name="conv1")(x)))
-        x = nn.relu(bn(name="bn2")(conv(16, 3, stride=2, padding=1, name="conv2")(x)))
-        features = common.global_avg_pool(x)  # [B, 16]
+        x = nn.relu(bn(name="bn1")(conv(common.scaled_channels(8, self.width), 3, stride=2, padding=1,
+                                        name="conv1")(x)))
+        x = nn.relu(bn(name="bn2")(conv(common.scaled_channels(16, self.width), 3, stride=2, padding=1,
+                                        name="conv2")(x)))
+        features = common.global_avg_pool(x)  # [B, F]
         logits = common.torch_dense(self.num_classes, features.shape[-1], dtype=self.dtype,
                                     name="fc")(features)
         return common.head_outputs(logits, features, return_features)

@@ -8,7 +8,6 @@ The caller supplies the data (a train-iterator factory, an `evaluate` callback s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import pathlib
 from collections.abc import Callable, Iterator
@@ -68,8 +67,8 @@ def train_classifier(model: nn.Module, make_train_iter: Callable[[], Iterator],
     run = start_run(model, optim_cfg=optim_cfg, steps_per_epoch=steps_per_epoch, image_shape=image_shape,
                     seed=seed, mesh=mesh, load_weights=load_weights)
     mesh, state, run_key, schedule = run.mesh, run.state, run.run_key, run.schedule
-    step_fn = parallel.jit_train_step(functools.partial(steps.train_step, multilabel=multilabel,
-                                                        class_weights=class_weights), mesh)
+    step_fn = parallel.jit_train_step(steps.bound_train_step(multilabel=multilabel, class_weights=class_weights),
+                                      mesh)
     if compile_only:
         parallel.compile_step(step_fn, state, next(make_train_iter()), run_key, mesh)
         return None

@@ -22,6 +22,7 @@ The hyper-parameters live in `rosjax.config.OptimConfig` (paper defaults, a comm
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -45,10 +46,16 @@ def lr_schedule(cfg: OptimConfig, steps_per_epoch: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, *,
                    decay_all_params: bool = True) -> tuple[optax.GradientTransformation,
                                                            optax.Schedule]:
-    """Returns (tx, schedule) for `cfg` (see the module docstring for the exact update)."""
+    """Returns (tx, schedule) for `cfg` (see the module docstring for the exact update).
+
+    One (tx, schedule) per distinct arguments in a process: `tx` is a static field of the train
+    state, compared by identity when jit looks a program up, so the runs of one recipe and
+    epoch length (every student setting) share their compiled steps (`parallel.jit_train_step`).
+    """
     schedule = lr_schedule(cfg, steps_per_epoch)
     mask = None if decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1,
                                                                       params))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,34 +90,80 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def traced_once(fn: Callable) -> Callable:
-    """`fn` for `jax.jit`, guarded: a second trace of the program raises AssertionError naming it
-    instead of silently compiling it again.
+def _program_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
 
-    A jitted step is traced (and compiled, minutes for DenseNet-121) once per argument
-    signature; a second trace means an argument changed shape, dtype, weak type or structure
-    between calls (say a state whose step counter became a Python int), and every epoch
-    would pay a compile. The count is this wrapper's own (one per built program), and the
-    wrapper keeps `fn`'s name: the name is part of the lowered module, and so of the key of
-    JAX's persistent compilation cache, so every run's program of one architecture and step
-    must carry the same name to load the program another run (or `CompileAhead`) compiled.
+
+_CALLING = threading.local()  # .run: the RunProgram whose call is tracing a program on this thread
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_jit(fn: Callable, mesh: jax.sharding.Mesh, kind: str) -> Any:
+    """The one `jax.jit` of `fn` on `mesh` in this process, for every run that passes this `fn`.
+
+    jit keeps one compiled program per argument signature (shapes, dtypes and the static
+    fields of the state: `apply_fn`, `tx`), so the runs of one architecture and recipe (the
+    student settings, the sweep points) share a program without tracing, lowering or reading
+    it from the persistent cache again (a CPU smoke run traced its 200 programs in a minute).
+    Sharing needs the same `fn` object: build step functions with cached factories
+    (`rosjax.train.steps.bound_train_step`, `rosjax.distill.steps.make_distill_step`).
+    The jitted function keeps `fn`'s name: the name is part of the lowered module, and so of
+    the key of JAX's persistent compilation cache, so every process's program of one
+    architecture and step carries the same name and loads what another process compiled.
     """
-    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
-    traces = 0
-
     def program(*args):
-        nonlocal traces
-        traces += 1
-        if traces > 1:
-            raise AssertionError(f"the jitted program {name} was traced {traces} times: an argument changed "
-                                 "shape, dtype, weak type or structure between calls, so every call would compile")
+        run = getattr(_CALLING, "run", None)
+        if run is not None:
+            run.traced()  # raises on a run's second trace, before anything compiles or runs
         return fn(*args)
 
-    program.__name__ = program.__qualname__ = name
-    return program
+    program.__name__ = program.__qualname__ = _program_name(fn)
+    rep, dat = replicated(mesh), data_sharding(mesh)
+    if kind == "eval":
+        return jax.jit(program, in_shardings=(rep, dat), out_shardings=rep)
+    in_shardings = (rep, rep, dat, rep) if kind == "train_frozen" else (rep, dat, rep)
+    return jax.jit(program, in_shardings=in_shardings, out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> Callable:
+class RunProgram:
+    """One run's handle on a shared jitted program: it may compile once per run, not twice.
+
+    A jitted step is compiled (minutes for DenseNet-121) once per argument signature; a second
+    compile within one run means an argument changed shape, dtype, weak type or structure
+    between calls (say a state whose step counter became a Python int), and every epoch would
+    pay a compile. The first call of a run may trace (a new architecture) or reuse a program an
+    earlier run compiled; a later call that would trace raises AssertionError naming it, while
+    tracing, before anything is compiled or run (the donated state is still intact).
+    """
+
+    def __init__(self, jitted: Any, name: str, frozen: tuple = ()):
+        self._jitted, self._name, self._frozen = jitted, name, frozen  # frozen: () or (inputs,)
+        self._called = False
+
+    def _arguments(self, args: tuple) -> tuple:
+        """The program's arguments: the frozen inputs go second, after the (donated) state."""
+        return (args[0], *self._frozen, *args[1:])
+
+    def traced(self) -> None:
+        """Called while a call of this run traces the program: allowed on the run's first call only."""
+        if self._called:
+            raise AssertionError(f"the jitted program {self._name} was traced 2 times in one run: an argument "
+                                 "changed shape, dtype, weak type or structure between calls, so every call "
+                                 "would compile")
+
+    def __call__(self, *args):
+        outer, _CALLING.run = getattr(_CALLING, "run", None), self
+        try:
+            return self._jitted(*self._arguments(args))
+        finally:
+            _CALLING.run, self._called = outer, True
+
+    def lower(self, *args):
+        """`jax.jit(...).lower` with this run's frozen inputs in place (for compiling ahead)."""
+        return self._jitted.lower(*self._arguments(args))
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = None) -> RunProgram:
     """Compiles `step_fn(state, batch, key) -> (state, metrics)` for data parallelism.
 
     The state (argument 0) is donated, so its buffers are reused for the new state, and stays
@@ -127,20 +174,12 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *, frozen: Any = 
     signature `step_fn(state, frozen, batch, key)` and the returned callable still takes
     `(state, batch, key)`: `frozen` is passed on every call as a separate, *non-donated*,
     replicated argument (never copied into the state, never written back).
-    The program may be traced once (`traced_once`): a call that would recompile it raises.
+    The jitted program is shared by every run passing the same `step_fn` (`_shared_jit`);
+    each call of this function is one run, which may compile it once (`RunProgram`).
     """
-    rep, dat = replicated(mesh), data_sharding(mesh)
     if frozen is None:
-        return jax.jit(traced_once(step_fn), in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
-                       donate_argnums=(0,))
-    jitted = jax.jit(traced_once(step_fn), in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
-                     donate_argnums=(0,))
-
-    def step(state, batch, key):
-        return jitted(state, frozen, batch, key)
-
-    step.lower = lambda state, batch, key: jitted.lower(state, frozen, batch, key)
-    return step
+        return RunProgram(_shared_jit(step_fn, mesh, "train"), _program_name(step_fn))
+    return RunProgram(_shared_jit(step_fn, mesh, "train_frozen"), _program_name(step_fn), frozen=(frozen,))
 
 
 def compile_step(step_fn: Callable, state: Any, host_batch: Any, run_key: jax.Array, mesh: jax.sharding.Mesh) -> None:
@@ -153,15 +192,15 @@ def compile_step(step_fn: Callable, state: Any, host_batch: Any, run_key: jax.Ar
     step_fn.lower(state, shard_batch(host_batch, mesh), replicate(run_key, mesh)).compile()
 
 
-def jit_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+def jit_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh) -> RunProgram:
     """Compiles `eval_fn(state, batch) -> outputs`; outputs come back replicated.
 
     Replicated outputs can be read by every process (`np.asarray`), which is what a host-side
     metric over the whole split needs, also with several hosts. Evaluation batches have one
-    size (the last one padded), so the program is traced once (`traced_once`).
+    size (the last one padded), so a run compiles the program once (`RunProgram`); runs
+    passing the same `eval_fn` share it (`_shared_jit`).
     """
-    rep, dat = replicated(mesh), data_sharding(mesh)
-    return jax.jit(traced_once(eval_fn), in_shardings=(rep, dat), out_shardings=rep)
+    return RunProgram(_shared_jit(eval_fn, mesh, "eval"), _program_name(eval_fn))
 
 
 def maybe_initialize_distributed() -> bool:

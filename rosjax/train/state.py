@@ -82,7 +82,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
         init = _jitted_model_init.__wrapped__(model, tuple(sample_shape), mesh)
     variables = init(key)
     params = variables["params"]
-    opt_state = jax.jit(tx.init, out_shardings=_replicated_like(jax.eval_shape(tx.init, params), mesh))(params)
+    opt_state = _jitted_optimizer_init(tx, mesh)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, apply_fn=model.apply, tx=tx)
 
@@ -103,6 +103,13 @@ def _jitted_model_init(model: nn.Module, sample_shape: tuple[int, ...],
 
     shapes = jax.eval_shape(init_variables, jax.random.key(0))
     return jax.jit(init_variables, out_shardings=_replicated_like(shapes, mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_optimizer_init(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted `tx.init`, replicated on `mesh`, once per optimiser (`optim.make_optimizer`
+    returns one per recipe) and mesh: each architecture's parameter tree is traced once."""
+    return jax.jit(tx.init, out_shardings=parallel.replicated(mesh))
 
 
 def _replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:

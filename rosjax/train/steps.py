@@ -15,10 +15,12 @@ Its pieces are public so the distillation step can reuse them:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rosjax import losses
@@ -85,6 +87,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                "accuracy": accuracy(logits, batch["label"], multilabel=multilabel),
                "grad_norm": optax.tree.norm(grads)}
     return apply_gradients(state, grads, batch_stats), metrics
+
+
+def bound_train_step(*, multilabel: bool, class_weights=None):
+    """`train_step` with its options bound: one object per distinct options in a process.
+
+    `parallel.jit_train_step` shares one jitted program among the runs that pass the same step
+    object, so every teacher and CE student of a run with these options reuses the programs
+    of the architectures an earlier run compiled. `class_weights`: None or a host array [C].
+    """
+    weights = None if class_weights is None else tuple(np.asarray(class_weights, np.float32).tolist())
+    return _bound_train_step(train_step, multilabel, weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _bound_train_step(step, multilabel: bool, weights: tuple[float, ...] | None):
+    """The step function is part of the key, so a patched `train_step` (a test's) is bound anew."""
+    return functools.partial(step, multilabel=multilabel,
+                             class_weights=None if weights is None else np.asarray(weights, np.float32))
 
 
 def eval_step(state: TrainState | ModelState, batch: dict[str, jax.Array]) -> jax.Array:

@@ -24,10 +24,16 @@ def _outputs(state, batch, *, multilabel):
             "loss": losses.supervised_per_example(logits, batch["label"], multilabel=multilabel)}
 
 
+@functools.lru_cache(maxsize=2)
+def _bound_outputs(multilabel: bool) -> Callable:
+    """One `_outputs` per task type, so every run's evaluation shares its jitted program."""
+    return functools.partial(_outputs, multilabel=multilabel)
+
+
 def make_predict(mesh: jax.sharding.Mesh, *, multilabel: bool) -> Callable:
     """Returns `predict(state, batches) -> {'logits' [N,C], 'label', 'loss' [N]}` (numpy,
     padded rows removed), compiled once for the mesh."""
-    outputs = parallel.jit_eval_step(functools.partial(_outputs, multilabel=multilabel), mesh)
+    outputs = parallel.jit_eval_step(_bound_outputs(multilabel), mesh)
 
     def predict(state, batches: Iterable[dict]) -> dict[str, np.ndarray]:
         parts = [jax.device_get(outputs(state, parallel.shard_batch(b, mesh))) for b in batches]
