@@ -1,4 +1,5 @@
 """Optimiser, schedule, train/eval steps and evaluation passes against numpy references."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -199,7 +200,7 @@ def test_runs_of_one_architecture_share_one_traced_init_with_the_same_weights():
     """Every run of an architecture (each teacher, student, sweep point) starts from one traced
     init program; the weights are those of a direct `module.init` with the run's key."""
     mesh = parallel.make_mesh(jax.devices()[:1])
-    tx = optax.sgd(0.1)
+    tx, _ = optim.make_optimizer(OptimConfig(learning_rate=0.1), steps_per_epoch=1)
     TRACES.clear()
     states = [create_train_state(_CountingDense(3), tx, jax.random.key(0), (2, 4, 4, 1), mesh)]
     first_run = TRACES.count(3)
@@ -216,3 +217,28 @@ def test_runs_of_one_architecture_share_one_traced_init_with_the_same_weights():
                                       np.asarray(direct["Dense_0"]["kernel"]))
     assert not np.array_equal(np.asarray(states[0].params["Dense_0"]["kernel"]),
                               np.asarray(states[1].params["Dense_0"]["kernel"]))
+
+
+def test_one_optimiser_program_serves_every_epoch_length():
+    """Teachers on subsets of different sizes: their optimisers compare equal (one train step
+    program for all), while each optimiser state holds its own epoch length, so the learning
+    rate drops at each run's own milestone."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    cfg = OptimConfig(learning_rate=0.1, milestones=(2,))
+    (tx3, _), (tx7, _) = (optim.make_optimizer(cfg, steps_per_epoch=n) for n in (3, 7))
+    assert tx3 == tx7 and hash(tx3) == hash(tx7)
+    assert optim.make_optimizer(dataclasses.replace(cfg, learning_rate=0.2), 3)[0] != tx3
+    for tx, epoch_length in ((tx3, 3), (tx7, 7)):
+        state = create_train_state(_Linear(2), tx, jax.random.key(0), (1, 2, 2, 1), mesh)
+        decay = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optim.StepDecayState))
+                 if isinstance(s, optim.StepDecayState)]
+        assert [int(d.steps_per_epoch) for d in decay] == [epoch_length]
+        grads = jax.tree.map(jnp.ones_like, state.params)
+        opt_state, rates = state.opt_state, []
+        for _ in range(2 * epoch_length + 1):
+            updates, opt_state = tx.update(grads, opt_state, state.params)
+            rates.append(float(jax.tree.leaves(updates)[0].ravel()[0]))
+        # Each update is -lr * b, b the momentum buffer of constant unit gradients, growing by less than
+        # a factor 2 a step: the tenfold drop of lr at epoch 2 is the one ratio below 0.5, at update 2n.
+        drop = [i for i in range(1, len(rates)) if abs(rates[i] / rates[i - 1]) < 0.5]
+        assert drop == [2 * epoch_length]

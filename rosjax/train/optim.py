@@ -22,7 +22,7 @@ The hyper-parameters live in `rosjax.config.OptimConfig` (paper defaults, a comm
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -46,24 +46,43 @@ def lr_schedule(cfg: OptimConfig, steps_per_epoch: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, *,
-                   decay_all_params: bool = True) -> tuple[optax.GradientTransformation,
-                                                           optax.Schedule]:
-    """Returns (tx, schedule) for `cfg` (see the module docstring for the exact update).
+                   decay_all_params: bool = True) -> tuple[PaperSGD, optax.Schedule]:
+    """Returns (tx, schedule) for `cfg` (see the module docstring for the exact update)."""
+    schedule = lr_schedule(cfg, steps_per_epoch)  # also checks the arguments
+    return PaperSGD(cfg, decay_all_params, steps_per_epoch), schedule
 
-    One (tx, schedule) per distinct arguments in a process: `tx` is a static field of the train
-    state, compared by identity when jit looks a program up, so the runs of one recipe and
-    epoch length (every student setting) share their compiled steps (`parallel.jit_train_step`).
+
+@dataclasses.dataclass(frozen=True)
+class PaperSGD:
+    """The optimiser of `make_optimizer`: an optax (init, update) pair that compares by value.
+
+    The train state holds its optimiser as a static field, which jit compares when it looks a
+    compiled step up; an optax chain's functions compare by identity, so with one every run
+    would trace its steps again. Equal recipes compare equal here whatever their epoch length:
+    only `init` reads it (it becomes an array of the optimiser state, `StepDecayState`), never
+    the compiled update, so the teachers of every subset size share one train step program.
     """
-    schedule = lr_schedule(cfg, steps_per_epoch)
-    mask = None if decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1,
-                                                                      params))
-    clip = (optax.clip_by_global_norm(cfg.clip_grad_norm),) if cfg.clip_grad_norm > 0 else ()
-    tx = optax.chain(*clip, optax.add_decayed_weights(cfg.weight_decay, mask=mask),
-                     optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
-                     scale_by_step_decay(cfg, steps_per_epoch))
-    return tx, schedule
+    cfg: OptimConfig
+    decay_all_params: bool = True
+    steps_per_epoch: int = dataclasses.field(default=1, compare=False)
+
+    def _chain(self, steps_per_epoch) -> optax.GradientTransformation:
+        mask = None if self.decay_all_params else (lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+        clip = (optax.clip_by_global_norm(self.cfg.clip_grad_norm),) if self.cfg.clip_grad_norm > 0 else ()
+        return optax.chain(*clip, optax.add_decayed_weights(self.cfg.weight_decay, mask=mask),
+                           optax.trace(decay=self.cfg.momentum, nesterov=self.cfg.nesterov),
+                           scale_by_step_decay(self.cfg, steps_per_epoch))
+
+    def init(self, params) -> optax.OptState:
+        return self.init_with_epoch_length(params, self.steps_per_epoch)
+
+    def init_with_epoch_length(self, params, steps_per_epoch) -> optax.OptState:
+        """`init` for an epoch length given as an int or an int32 array (a jitted init's argument)."""
+        return self._chain(steps_per_epoch).init(params)
+
+    def update(self, updates, state, params=None):
+        return self._chain(self.steps_per_epoch).update(updates, state, params)
 
 
 class StepDecayState(NamedTuple):
@@ -72,15 +91,15 @@ class StepDecayState(NamedTuple):
     steps_per_epoch: jax.Array  # int32 []
 
 
-def scale_by_step_decay(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def scale_by_step_decay(cfg: OptimConfig, steps_per_epoch) -> optax.GradientTransformation:
     """Multiplies updates by -lr, lr = `lr_schedule(cfg, steps_per_epoch)(count)`, bit for bit.
 
     The epoch length lives in the optimiser state rather than in the compiled program, so
     teachers on subsets of different sizes (the overlap sweep, the folds) share one compiled
-    train step per architecture instead of compiling one per subset size. The arithmetic is
+    train step per architecture instead of compiling one per subset size; `steps_per_epoch`
+    (checked by `make_optimizer`) may be an int32 array. The arithmetic is
     optax.piecewise_constant_schedule's: the initial rate times each passed milestone's factor.
     """
-    lr_schedule(cfg, steps_per_epoch)  # the same argument checks
     milestones = sorted(cfg.milestones)
 
     def init(params):

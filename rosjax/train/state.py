@@ -13,9 +13,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
-from rosjax.train import parallel
+from rosjax.train import optim, parallel
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -25,7 +24,7 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any         # BatchNorm running statistics ({} for a model without BatchNorm)
     opt_state: Any           # optax state of `tx`
     apply_fn: Callable = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    tx: optim.PaperSGD = flax.struct.field(pytree_node=False)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -58,7 +57,7 @@ class ModelState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+def create_train_state(model: nn.Module, tx: optim.PaperSGD, key: jax.Array,
                        sample_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
     """Initialises the model and optimiser directly on the mesh's devices, replicated.
 
@@ -66,12 +65,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     `out_shardings`, so the arrays are born on the devices with their final sharding. The model
     and the optimiser are initialised by two programs: the model's (its random initialisers,
     seconds to compile on a CPU) depends only on the architecture and the input shape, so every
-    run of one architecture shares it through the compilation cache, while the optimiser's
-    (zeros, plus constants such as the epoch length of `optim.scale_by_step_decay`) is tiny.
+    run of one architecture shares it, while the optimiser's (zeros, and the epoch length of
+    `optim.scale_by_step_decay`, an argument) is tiny and shared by every run of one recipe.
 
     Args:
       model: a linen module with `init(key, x, train=False)`.
-      tx: the optimiser.
+      tx: the optimiser (`optim.make_optimizer`).
       key: init key (parameters and, if the model draws any, dropout).
       sample_shape: shape of one input batch, e.g. (1, 32, 32, 3) (NHWC, float32).
       mesh: the data-parallel mesh (`parallel.make_mesh()`).
@@ -82,7 +81,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
         init = _jitted_model_init.__wrapped__(model, tuple(sample_shape), mesh)
     variables = init(key)
     params = variables["params"]
-    opt_state = _jitted_optimizer_init(tx, mesh)(params)
+    opt_state = _jitted_optimizer_init(tx, mesh)(params, jnp.asarray(tx.steps_per_epoch, jnp.int32))
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, apply_fn=model.apply, tx=tx)
 
@@ -106,10 +105,11 @@ def _jitted_model_init(model: nn.Module, sample_shape: tuple[int, ...],
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_optimizer_init(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> Callable:
-    """The jitted `tx.init`, replicated on `mesh`, once per optimiser (`optim.make_optimizer`
-    returns one per recipe) and mesh: each architecture's parameter tree is traced once."""
-    return jax.jit(tx.init, out_shardings=parallel.replicated(mesh))
+def _jitted_optimizer_init(tx, mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted `tx.init_with_epoch_length(params, steps_per_epoch)`, replicated on `mesh`, once
+    per recipe (`optim.PaperSGD` compares by value) and mesh: each architecture's parameter tree
+    is traced and compiled once, whatever the epoch length."""
+    return jax.jit(tx.init_with_epoch_length, out_shardings=parallel.replicated(mesh))
 
 
 def _replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
