@@ -224,7 +224,7 @@ def _contour(ax, fig, surface, coords, levels, title):
     lines = ax.contour(x, y, surface, levels=levels[::2], colors="k", linewidths=0.5)
     ax.clabel(lines, inline=True, fontsize=6, fmt="%.2f")
     ax.set(title=title, xlabel="direction 1", ylabel="direction 2", aspect="equal")
-    fig.colorbar(filled, ax=ax, shrink=0.8)
+    fig.colorbar(filled, ax=ax, shrink=0.8, format="%.2f", label="loss")
 
 
 def _save(fig, path):
@@ -244,7 +244,7 @@ def plot_landscape(surface, coords, path_prefix, title: str, clamp: float = LOSS
     if coords.size < 2:
         raise ValueError("plot_landscape: need at least 2 coords per axis to draw a surface")
     z = np.minimum(np.asarray(surface, np.float64), clamp)  # [n, n]
-    fig = Figure(figsize=(5, 4.5))
+    fig = Figure(figsize=(5, 4.5), layout="constrained")
     _contour(fig.add_subplot(), fig, z, coords, _levels([z]), title)
     contour_path = _save(fig, f"{path_prefix}_contour.png")
 
@@ -290,7 +290,7 @@ def compare_landscapes(models: Mapping[str, tuple], key, path_prefix, *, coords=
                        f"{path_prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', name)}", name, clamp)
     clamped = {name: np.minimum(s, clamp) for name, s in surfaces.items()}
     levels = _levels(list(clamped.values()))
-    fig = Figure(figsize=(5 * len(clamped), 4.5))
+    fig = Figure(figsize=(5.5 * len(clamped), 4.5), layout="constrained")  # colour bars clear of the next panel
     for i, (name, z) in enumerate(clamped.items()):
         _contour(fig.add_subplot(1, len(clamped), i + 1), fig, z, coords, levels, name)
     _save(fig, f"{path_prefix}_compare.png")

@@ -2,10 +2,11 @@
 
 Inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear projection) with ReLU6, the
 torchvision initialisation (convolutions kaiming-normal fan_out, BatchNorm 1/0, classifier
-N(0, 0.01) with zero bias) and dropout 0.2 before the classifier. `width` is torchvision's `width_mult`: every block's
-channels times it, rounded to a multiple of 8, and the last 1x1 convolution's 1280 only for
-widths above 1. Training mode therefore needs
-a 'dropout' rng: `module.apply(..., train=True, rngs={'dropout': key})`.
+N(0, 0.01) with zero bias) and dropout 0.2 before the classifier, so training mode needs a
+'dropout' rng: `module.apply(..., train=True, rngs={'dropout': key})`.
+
+`width` is torchvision's `width_mult`: every block's channels times it, rounded to a multiple
+of 8, and the last 1x1 convolution's 1280 too, but only for widths above 1.
 
 Submodules carry torchvision's module paths with '_' for '.': `features_0_0` is the stem
 convolution `features.0.0`, `features_2/conv_1_0` the depthwise convolution `features.2.conv.1.0`,
@@ -77,14 +78,16 @@ class MobileNetV2(nn.Module):
         conv = functools.partial(common.conv, dtype=self.dtype)
         bn = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
         x = common.normalize_pixels(x, self.pixel_mean, self.pixel_std, self.dtype)
-        x = conv(common.scaled_channels(_STEM_FEATURES, self.width), 3, stride=2, padding=1, name="features_0_0")(x)
+        stem = common.scaled_channels(_STEM_FEATURES, self.width)
+        x = conv(stem, 3, stride=2, padding=1, name="features_0_0")(x)
         x = nn.relu6(bn(name="features_0_1")(x))  # [B, H/2, W/2, 32 * width]
         index = 1
         for expand_ratio, out_features, repeats, first_stride in self.inverted_residual_setting:
             for repeat in range(repeats):
                 stride = first_stride if repeat == 0 else 1
-                x = InvertedResidual(common.scaled_channels(out_features, self.width), stride, expand_ratio, self.dtype,
-                                     name=f"features_{index}")(x, train)
+                block = InvertedResidual(common.scaled_channels(out_features, self.width), stride, expand_ratio,
+                                         self.dtype, name=f"features_{index}")
+                x = block(x, train)
                 index += 1
         last = common.scaled_channels(_LAST_FEATURES, max(1.0, self.width))
         x = conv(last, 1, name=f"features_{index}_0")(x)
