@@ -274,8 +274,9 @@ def test_students_start_from_given_weights(tmp_path):
     path = tmp_path / "tiny.npz"
     pretrained.save_torchvision_weights("tiny_cnn", weights, path)
 
+    # Width 1: the file holds a width-1 tiny_cnn, and the smoke's quarter width would be refused.
     cfg = tiny_config(lesion.get_config, **{"teachers.architectures": "tiny_cnn", "distill.pretrained": str(path),
-                                            "optim.learning_rate": "0", "optim.weight_decay": "0",
+                                            "model_width": "1", "optim.learning_rate": "0", "optim.weight_decay": "0",
                                             "optim.epochs": "1", "optim.milestones": "",
                                             "distill.warmup_epochs": "0", "distill.rl_equal_epochs": "0"})
     with pytest.raises(ConfigError, match="distill.pretrained=missing.npz: no such file"):
