@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rosjax import losses
@@ -73,8 +72,8 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
     teacher-weight key, so a resumed run draws the same weights at the same step; the weights
     follow `inputs.rule` (`rosjax.distill.weighting.rule_weights`).
     """
-    weights = None if class_weights is None else tuple(np.asarray(class_weights, np.float32).tolist())
-    options = dict(tau=float(tau), alpha=float(alpha), multilabel=multilabel, per_example=per_example, weights=weights)
+    options = dict(tau=float(tau), alpha=float(alpha), multilabel=multilabel, per_example=per_example,
+                   weights=train_steps.class_weights_key(class_weights))
     try:
         return _distill_step(tuple(teacher_apply_fns), **options)
     except TypeError:  # a teacher module with an unhashable field (e.g. a list): built for this run alone
@@ -85,7 +84,7 @@ def make_distill_step(teacher_apply_fns: Sequence[Callable], *, tau: float, alph
 def _distill_step(teacher_apply_fns: tuple[Callable, ...], *, tau: float, alpha: float, multilabel: bool,
                   per_example: bool, weights: tuple[float, ...] | None) -> Callable:
     """`make_distill_step`'s builder, on hashable arguments (`weights`: the class weights)."""
-    class_weights = None if weights is None else np.asarray(weights, np.float32)
+    class_weights = train_steps.class_weights_from_key(weights)
     num_teachers = len(teacher_apply_fns)
     if num_teachers < 1:
         raise ValueError("make_distill_step needs at least one teacher")

@@ -96,15 +96,23 @@ def bound_train_step(*, multilabel: bool, class_weights=None):
     object, so every teacher and CE student of a run with these options reuses the programs
     of the architectures an earlier run compiled. `class_weights`: None or a host array [C].
     """
-    weights = None if class_weights is None else tuple(np.asarray(class_weights, np.float32).tolist())
-    return _bound_train_step(train_step, multilabel, weights)
+    return _bound_train_step(train_step, multilabel, class_weights_key(class_weights))
+
+
+def class_weights_key(class_weights) -> tuple[float, ...] | None:
+    """Class weights [C] as a hashable tuple, so cached step builders can key on them."""
+    return None if class_weights is None else tuple(np.asarray(class_weights, np.float32).tolist())
+
+
+def class_weights_from_key(key: tuple[float, ...] | None) -> np.ndarray | None:
+    """The host array [C] (float32) of a `class_weights_key`, or None."""
+    return None if key is None else np.asarray(key, np.float32)
 
 
 @functools.lru_cache(maxsize=16)
 def _bound_train_step(step, multilabel: bool, weights: tuple[float, ...] | None):
     """The step function is part of the key, so a patched `train_step` (a test's) is bound anew."""
-    return functools.partial(step, multilabel=multilabel,
-                             class_weights=None if weights is None else np.asarray(weights, np.float32))
+    return functools.partial(step, multilabel=multilabel, class_weights=class_weights_from_key(weights))
 
 
 def eval_step(state: TrainState | ModelState, batch: dict[str, jax.Array]) -> jax.Array:
